@@ -1,0 +1,63 @@
+"""Argument checks run at the Python boundary, before any tracing.
+
+Every public function validates shapes and ranges here so that a bad call fails with a
+`ValueError` that names the argument, the shape or value seen, and what was expected,
+instead of surfacing later as an XLA trace error or, worse, as silent broadcasting.
+Checks on *values* are skipped for traced arrays (their values are unknown at trace time);
+checks on *shapes* always run.
+"""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when `x` has a value now (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def shape_of(name: str, x) -> tuple[int, ...]:
+  try:
+    return tuple(np.shape(x))
+  except Exception as e:  # pragma: no cover - exotic inputs
+    raise ValueError(f"{name}: expected an array, got {type(x).__name__}") from e
+
+
+def check_ndim(name: str, x, ndim: int, what: str) -> tuple[int, ...]:
+  shape = shape_of(name, x)
+  if len(shape) != ndim:
+    raise ValueError(f"{name}: expected a {ndim}-D array {what}, got shape {shape}")
+  return shape
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+  return int(value)
+
+
+def check_nonnegative(name: str, value) -> None:
+  """Rejects negative scalars or arrays with a negative entry (when concrete)."""
+  shape = shape_of(name, value)
+  if not is_concrete(value):
+    return
+  arr = np.asarray(value)
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name}: expected finite values >= 0, got {arr if arr.size < 8 else 'non-finite entries'}")
+  if np.any(arr < 0):
+    shown = arr if arr.size < 8 else arr.min()
+    raise ValueError(f"{name}: expected values >= 0, got {shown} (shape {shape})")
+
+
+def check_instance(X, y) -> tuple[int, int]:
+  """A single sparse-recovery instance: X (n, d) and y (n,). Returns (n, d)."""
+  n, d = check_ndim("X", X, 2, "(n, d) for a single instance; vmap over a batch")
+  y_shape = check_ndim("y", y, 1, f"(n,) = ({n},) matching X's rows")
+  if y_shape[0] != n:
+    raise ValueError(f"y: expected shape ({n},) to match X's {n} rows (X has shape {(n, d)}), got {y_shape}")
+  return n, d

@@ -1,0 +1,54 @@
+"""Metrics of paper section 6: label prediction error, beta NMSE, per-prompt-length curves."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2o_jax import _checks
+from l2o_jax.tasks import Task
+
+
+def prediction_error(y_query, x_query, beta_hat):
+  """Mean over tasks of (y_query - x_query^T beta_hat)^2; shapes (B,), (B, d), (B, d)."""
+  return jnp.mean((y_query - jnp.einsum("bd,bd->b", x_query, beta_hat)) ** 2)
+
+
+def label_error(y_true, y_pred):
+  """Mean squared label error for methods that predict y directly (the Transformers)."""
+  return jnp.mean((jnp.asarray(y_true) - jnp.asarray(y_pred)) ** 2)
+
+
+def beta_nmse_db(beta_hat, beta):
+  """10 log10( sum ||beta_hat - beta||^2 / sum ||beta||^2 ) over the batch, in dB."""
+  return 10.0 * jnp.log10(jnp.sum((beta_hat - beta) ** 2) / jnp.sum(beta ** 2))
+
+
+def batched(solver: Callable, **kwargs) -> Callable:
+  """vmap a single-instance solver `solver(X, y, **kwargs) -> beta` over (B, n, d), (B, n)."""
+  return jax.jit(jax.vmap(lambda X, y: solver(X, y, **kwargs)))
+
+
+def per_prompt_length(estimate: Callable, task: Task, lengths: Iterable[int] | None = None) -> dict[int, float]:
+  """Prediction error of a beta estimator when it sees only the first n demonstrations.
+
+  Args:
+    estimate: batched estimator `(X (B, n, d), y (B, n)) -> beta_hat (B, d)` (e.g. `batched(ista,
+      lam=0.1, num_iters=12)`); it is called once per n, so it compiles once per length.
+    task: a batch of tasks with N demonstrations.
+    lengths: the prompt lengths n to evaluate (default 1..N).
+  Returns:
+    {n: mean (y_query - x_query^T beta_hat)^2}.
+  """
+  N = task.X.shape[1]
+  lengths = list(range(1, N + 1)) if lengths is None else [int(n) for n in lengths]
+  for n in lengths:
+    if not 1 <= n <= N:
+      raise ValueError(f"lengths: expected every n in [1, {N}] (the task's demonstrations), got {n}")
+  out = {}
+  for n in lengths:
+    beta_hat = estimate(task.X[:, :n], task.y[:, :n])
+    out[n] = float(prediction_error(task.y_query, task.x_query, beta_hat))
+  return out

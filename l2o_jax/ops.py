@@ -1,0 +1,103 @@
+"""The building blocks of paper section 3.1: soft-thresholding, masked ReLU attention
+(Definition 3.1) and the token-wise ReLU MLP (Definition 3.2).
+
+Sequences follow the paper's layout: H is (D, T), one token per *column*.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from l2o_jax import _checks
+
+
+def soft_threshold(x, theta):
+  """S_theta(x) = sign(x) max(|x| - theta, 0), elementwise (section 4.2).
+
+  `theta` is a scalar or broadcasts against x; it must be >= 0. Written as x - clip(x, -theta,
+  theta) so the gradient w.r.t. theta is defined everywhere (useful when theta is learned).
+  """
+  _checks.check_nonnegative("theta", theta)
+  x = jnp.asarray(x)
+  theta = jnp.asarray(theta, x.dtype)
+  return x - jnp.clip(x, -theta, theta)
+
+
+def causal_mask(T: int, dtype=jnp.float32) -> jax.Array:
+  """mask(.) of Definition 3.1 as a (T, T) matrix: entry (j, i) is 1/i for j <= i (1-indexed)."""
+  j = jnp.arange(T)[:, None]
+  i = jnp.arange(T)[None, :]
+  return jnp.where(j <= i, 1.0 / (i + 1.0), 0.0).astype(dtype)
+
+
+def _stack_heads(heads, D: int):
+  """Accepts {"Q","K","V"} stacked (M, D, D) arrays or a sequence of (V, Q, K) triples."""
+  if isinstance(heads, Mapping):
+    missing = {"Q", "K", "V"} - set(heads)
+    if missing:
+      raise ValueError(f"heads: expected keys 'Q', 'K', 'V' with shape (M, D, D), missing {sorted(missing)}")
+    Q, K, V = heads["Q"], heads["K"], heads["V"]
+  elif isinstance(heads, Sequence) and len(heads) > 0:
+    for m, h in enumerate(heads):
+      if len(h) != 3:
+        raise ValueError(f"heads[{m}]: expected a (V, Q, K) triple, got {len(h)} items")
+    V = jnp.stack([h[0] for h in heads])
+    Q = jnp.stack([h[1] for h in heads])
+    K = jnp.stack([h[2] for h in heads])
+  else:
+    raise ValueError("heads: expected a dict {'Q','K','V'} of (M, D, D) arrays or a non-empty list of (V, Q, K)")
+  for name, A in (("Q", Q), ("K", K), ("V", V)):
+    shape = _checks.shape_of(f"heads['{name}']", A)
+    if len(shape) != 3 or shape[1:] != (D, D):
+      raise ValueError(f"heads['{name}']: expected shape (M, {D}, {D}) for H with D={D} rows, got {shape}")
+  if not (Q.shape[0] == K.shape[0] == V.shape[0]):
+    raise ValueError(f"heads: expected the same number of heads in Q, K, V, got {Q.shape[0]}, {K.shape[0]}, {V.shape[0]}")
+  return Q, K, V
+
+
+def masked_relu_attention(H, heads):
+  """M-head masked ReLU attention, Definition 3.1.
+
+  Attn(H) = H + sum_m (V_m H) mask(ReLU((K_m H)^T (Q_m H))), i.e. for token i (1-indexed)
+  h_i + sum_m sum_{j<=i} (1/i) ReLU((Q_m h_i)^T (K_m h_j)) V_m h_j.
+
+  Args:
+    H: (D, T) input sequence, tokens as columns.
+    heads: {"Q": (M, D, D), "K": (M, D, D), "V": (M, D, D)} or a list of (V_m, Q_m, K_m).
+  Returns:
+    (D, T) output sequence.
+  """
+  D, T = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
+  Q, K, V = _stack_heads(heads, D)
+  return _attention(H, Q, K, V)
+
+
+def _attention(H, Q, K, V):
+  # scores[m, j, i] = (K_m h_j) . (Q_m h_i): keys index rows, queries index columns, as in Def. 3.1.
+  scores = jnp.einsum("mej,mei->mji", K @ H, Q @ H)
+  weights = jax.nn.relu(scores) * causal_mask(H.shape[1], H.dtype)
+  return H + jnp.einsum("mej,mji->ei", V @ H, weights)
+
+
+def relu_mlp(H, W1, W2, b):
+  """Token-wise residual ReLU MLP, Definition 3.2: h_i + W2 ReLU(W1 h_i + b).
+
+  Args:
+    H: (D, T) sequence; W1: (D', D); W2: (D, D'); b: (D',).
+  """
+  D, _ = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
+  Dh, D1 = _checks.check_ndim("W1", W1, 2, "(D', D)")
+  if D1 != D:
+    raise ValueError(f"W1: expected shape (D', {D}) to match H's {D} rows, got {(Dh, D1)}")
+  w2 = _checks.check_ndim("W2", W2, 2, f"({D}, {Dh})")
+  if w2 != (D, Dh):
+    raise ValueError(f"W2: expected shape ({D}, {Dh}), got {w2}")
+  if _checks.shape_of("b", b) != (Dh,):
+    raise ValueError(f"b: expected shape ({Dh},), got {_checks.shape_of('b', b)}")
+  return _mlp(H, W1, W2, b)
+
+
+def _mlp(H, W1, W2, b):
+  return H + W2 @ jax.nn.relu(W1 @ H + b[:, None])
