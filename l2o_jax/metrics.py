@@ -13,6 +13,11 @@ from l2o_jax.tasks import Task
 
 def prediction_error(y_query, x_query, beta_hat):
   """Mean over tasks of (y_query - x_query^T beta_hat)^2; shapes (B,), (B, d), (B, d)."""
+  B, d = _checks.check_ndim("beta_hat", beta_hat, 2, "(B, d)")
+  if _checks.shape_of("x_query", x_query) != (B, d):
+    raise ValueError(f"x_query: expected shape ({B}, {d}) to match beta_hat, got {_checks.shape_of('x_query', x_query)}")
+  if _checks.shape_of("y_query", y_query) != (B,):
+    raise ValueError(f"y_query: expected shape ({B},), got {_checks.shape_of('y_query', y_query)}")
   return jnp.mean((y_query - jnp.einsum("bd,bd->b", x_query, beta_hat)) ** 2)
 
 

@@ -150,3 +150,196 @@ def train(objective: Objective, optimizer: optax.GradientTransformation, num_ste
     if log_every and (done // log_every) != ((done - len(losses[-1])) // log_every):
       log_fn(f"step {done}/{num_steps} loss {float(losses[-1][-1]):.4g} ({time.time() - t0:.1f}s)")
   return state, np.concatenate(losses)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds in one program, and the checkpointed training loop used by experiments/.
+
+
+def init_states(objective: Objective, optimizer: optax.GradientTransformation, seeds) -> TrainState:
+  """`init_state` for each seed, stacked along a leading seed axis (S, ...).
+
+  Initialisation runs per seed on the host side (some inits are not traceable, e.g. ones
+  that compute a Lipschitz constant as a Python float); training then vmaps over the axis.
+  """
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds: expected at least one seed, got an empty list")
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds: expected distinct seeds, got {seeds}")
+  states = [init_state(objective, optimizer, s) for s in seeds]
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransformation,
+                           steps_per_call: int) -> Callable:
+  """Like `make_train_chunk` for a stacked state (leading seed axis S): one compiled program
+  that trains every seed (jax.vmap of the scanned steps). metrics are (S, steps_per_call)."""
+  _checks.check_positive_int("steps_per_call", steps_per_call)
+  step = make_step(objective, optimizer)
+
+  def one_seed(state):
+    (state, _), metrics = jax.lax.scan(step, (state, jnp.bool_(True)), length=steps_per_call)
+    return state, metrics
+
+  return jax.jit(jax.vmap(one_seed), donate_argnums=0)
+
+
+def first_nonfinite(metrics, first_step: int) -> tuple[int, int, float] | None:
+  """(seed index, step, loss) of the earliest non-finite step in (S, T) chunk metrics, or None."""
+  finite = np.asarray(metrics["finite"]).reshape(-1, np.shape(metrics["finite"])[-1])
+  if finite.all():
+    return None
+  bad_t = [int(np.argmin(f)) if not f.all() else finite.shape[1] for f in finite]
+  seed = int(np.argmin(bad_t))
+  loss = float(np.asarray(metrics["loss"]).reshape(finite.shape)[seed, bad_t[seed]])
+  return seed, first_step + bad_t[seed], loss
+
+
+class FitResult(NamedTuple):
+  state: TrainState       # stacked over seeds (leading axis S)
+  losses: np.ndarray      # (S, steps run in this call) per-step training losses
+  resumed_from: int       # step restored from a checkpoint (0 for a fresh start)
+  interrupted: bool       # True when stopped early by `should_stop` (a checkpoint was saved)
+
+
+def chunk_boundaries(start: int, num_steps: int, steps_per_call: int, *also: int | None) -> list[int]:
+  """The chunk end points after `start`: multiples of steps_per_call (and of every `also`
+  interval, e.g. eval and checkpoint intervals), plus num_steps.
+
+  They depend on the configuration only, never on where a run resumed, so a resumed run
+  executes exactly the same compiled chunks on the same steps as an uninterrupted one.
+  """
+  intervals = [steps_per_call] + [a for a in also if a]
+  ends = {num_steps}
+  for every in intervals:
+    ends.update(range((start // every + 1) * every, num_steps, every))
+  return sorted(e for e in ends if e > start)
+
+
+def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps: int, *,
+        seeds=(0,), steps_per_call: int = 100, checkpointer=None, checkpoint_every: int | None = None,
+        place: Callable[[TrainState], TrainState] | None = None,
+        on_chunk: Callable[[int, TrainState, dict], None] | None = None,
+        eval_every: int | None = None, should_stop: Callable[[], bool] | None = None,
+        instances_per_step: int = 0, log_every_s: float = 10.0,
+        log_fn: Callable[[str], None] | None = print) -> FitResult:
+  """Trains several seeds together, with checkpoints and exact resume.
+
+  Args:
+    objective, optimizer: as for `train`.
+    num_steps: total number of updates (a resumed run continues up to it).
+    seeds: seeds trained together in one program (vmap); state i starts from `init_state(seed_i)`.
+    steps_per_call: steps fused per jit call.
+    checkpointer: a `checkpoint.Checkpointer` (or None): the latest good checkpoint is restored
+      first, and one is saved every `checkpoint_every` steps, at the end, and before an early stop.
+    place: puts a freshly initialised state on devices (e.g. replicated over a mesh); the
+      restored state takes the placement of this template.
+    on_chunk: called as on_chunk(step, state, metrics) at every multiple of `eval_every` (and at
+      the end) with the (S, T) metrics of the chunk just run; used for evaluation and logging.
+    should_stop: polled after every chunk; True saves a checkpoint and returns (SIGTERM/SIGINT).
+    instances_per_step: training instances per step and seed, for the instances/s progress line.
+
+  Raises NonFiniteLossError naming the first bad step and the last good checkpoint, which is
+  left untouched (the state of the failing chunk is never saved).
+  """
+  num_steps = _checks.check_positive_int("num_steps", num_steps)
+  steps_per_call = _checks.check_positive_int("steps_per_call", steps_per_call)
+  for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
+    if value is not None:
+      _checks.check_positive_int(name, value)
+  seeds = list(seeds)
+  state = init_states(objective, optimizer, seeds)
+  if place is not None:
+    state = place(state)
+  start = 0
+  if checkpointer is not None:
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+      state, start = restored
+      if log_fn:
+        log_fn(f"resumed from checkpoint step {start} in {checkpointer.directory}")
+  if start > num_steps:
+    raise ValueError(f"num_steps: the workdir holds a checkpoint at step {start}, past num_steps={num_steps}")
+  chunks: dict[int, Callable] = {}
+  losses, t0, last_log, done_at_start = [], time.time(), 0.0, start
+  step = start
+  for end in chunk_boundaries(start, num_steps, steps_per_call, eval_every, checkpoint_every):
+    length = end - step
+    if length not in chunks:
+      chunks[length] = make_seeds_train_chunk(objective, optimizer, length)
+    state, metrics = chunks[length](state)
+    bad = first_nonfinite(metrics, step)
+    if bad is not None:
+      seed_i, bad_step, loss = bad
+      last = checkpointer.latest_step() if checkpointer is not None else None
+      where = (f"the last good checkpoint is step {last} in {checkpointer.directory} (left intact)"
+               if last is not None else "no checkpoint was saved")
+      raise NonFiniteLossError(bad_step, f"non-finite loss/gradient at step {bad_step} (seed "
+                               f"{seeds[seed_i]}, loss={loss}); stopped; {where}")
+    losses.append(np.asarray(metrics["loss"]))
+    step = end
+    if on_chunk is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
+      on_chunk(step, state, metrics)
+    stop = should_stop() if should_stop is not None else False
+    if checkpointer is not None and (stop or step == num_steps or
+                                     (checkpoint_every and step % checkpoint_every == 0)):
+      if step not in checkpointer.steps():
+        checkpointer.save(state)
+    now = time.time()
+    if log_fn and (now - last_log >= log_every_s or step == num_steps or stop):
+      last_log = now
+      rate = (step - done_at_start) / max(now - t0, 1e-9)
+      eta = (num_steps - step) / max(rate, 1e-9)
+      loss_now = float(np.mean(losses[-1][..., -1]))
+      log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  "
+             f"{rate * instances_per_step * len(seeds):,.0f} instances/s  "
+             f"{rate:,.1f} steps/s  eta {_fmt_seconds(eta)}")
+    if stop:
+      if log_fn:
+        where = f" (checkpoint step {step} saved)" if checkpointer is not None else ""
+        log_fn(f"stop requested: exiting at step {step}{where}")
+      return FitResult(state, _cat(losses, len(seeds)), start, True)
+  return FitResult(state, _cat(losses, len(seeds)), start, False)
+
+
+def _cat(losses, num_seeds):
+  return np.concatenate(losses, axis=-1) if losses else np.zeros((num_seeds, 0), np.float32)
+
+
+def _fmt_seconds(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class StopOnSignal:
+  """Context manager: SIGTERM / SIGINT set a flag (call the object) instead of killing the process,
+  so the training loop can save a checkpoint at the next chunk boundary and exit cleanly. A
+  second SIGINT raises KeyboardInterrupt as usual."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __call__(self) -> bool:
+    return self.signum is not None
+
+  def _handle(self, signum, frame):
+    import signal
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False

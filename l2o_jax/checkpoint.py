@@ -1,0 +1,131 @@
+"""Orbax checkpoints of a `train.TrainState` (params, optimizer state, step, data key).
+
+The only module that imports orbax. Design:
+- `orbax.checkpoint.CheckpointManager` with `args.StandardSave` / `args.StandardRestore`,
+  synchronous saves (a save returns only once the step directory is committed, so a signal
+  handler can save and exit), the last `max_to_keep` steps kept.
+- Orbax writes each step into a temporary directory and renames it when complete, so a run
+  killed mid-save leaves no half-written step; leftovers are cleaned up on the next start.
+- Typed PRNG keys cannot be serialised: the key is stored as `jax.random.key_data` (uint32) and
+  re-wrapped with the template's key implementation on restore.
+- A latest step that fails to restore (truncated or corrupted files) is moved aside to
+  `corrupt-<step>-<time>` with a warning and the previous step is tried; it is never deleted
+  and never silently overwritten (orbax skips saving a step that already exists, so a corrupt
+  step left in place would also block the resumed run from saving it again).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from l2o_jax import _checks
+
+
+class Checkpointer:
+  """Periodic checkpoints of a TrainState-like NamedTuple (params, opt_state, step, key).
+
+  Usage:
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
+    restored = ckpt.restore_latest(state)  # None when there is nothing to restore
+    ckpt.save(state)                       # step taken from state.step (a leading seed axis is fine)
+  """
+
+  def __init__(self, directory, *, max_to_keep: int = 3):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.max_to_keep = _checks.check_positive_int("max_to_keep", max_to_keep)
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.max_to_keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=False)
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    """Committed checkpoint steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def save(self, state, *, step: int | None = None) -> int:
+    """Saves `state` under `step` (default: its step counter) and returns that step.
+
+    Raises FileExistsError rather than overwrite an existing step with different contents.
+    """
+    step = _state_step(state) if step is None else int(step)
+    if step in self._manager.all_steps():
+      raise FileExistsError(f"checkpoint step {step} already exists in {self.directory}; "
+                            "refusing to overwrite it")
+    self._manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=True)
+    self._manager.wait_until_finished()
+    return step
+
+  def restore(self, like, step: int):
+    """Restores step `step` into the structure, shapes, dtypes and shardings of `like`."""
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _to_tree(like))
+    restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    return _from_tree(restored, like)
+
+  def restore_latest(self, like):
+    """(state, step) from the newest step that restores cleanly, or None if there is none.
+
+    Steps that fail to restore are moved aside with a warning (see the module docstring).
+    """
+    for step in reversed(self.steps()):
+      try:
+        state = self.restore(like, step)
+        if _state_step(state) != step:
+          raise ValueError(f"stored step counter {_state_step(state)} != directory step {step}")
+        return state, step
+      except Exception as e:  # any failure to read a step means it is unusable
+        moved = self._quarantine(step)
+        warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored "
+                      f"({type(e).__name__}: {str(e)[:200]}); moved it to {moved} and falling back "
+                      "to the previous checkpoint", RuntimeWarning, stacklevel=2)
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    self._manager.close()
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupt-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 0
+    while os.path.exists(dst + (f"-{suffix}" if suffix else "")):
+      suffix += 1
+    dst += f"-{suffix}" if suffix else ""
+    os.rename(src, dst)
+    self._manager = self._open()
+    return dst
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _state_step(state) -> int:
+  # With a leading seed axis every entry is the same step (they advance together).
+  steps = np.asarray(state.step)
+  if steps.size > 1 and not np.all(steps == steps.flat[0]):
+    raise ValueError(f"state.step: expected the same step for every seed, got {steps.tolist()}")
+  return int(steps.flat[0])
+
+
+def _to_tree(state) -> dict[str, Any]:
+  return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+          "key": jax.random.key_data(state.key)}
+
+
+def _from_tree(tree: dict[str, Any], like):
+  # Orbax may return plain containers; rebuild the exact pytree structure of the template.
+  structure = jax.tree_util.tree_structure(like.opt_state)
+  opt_state = jax.tree_util.tree_unflatten(structure, jax.tree_util.tree_leaves(tree["opt_state"]))
+  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like.params),
+                                        jax.tree_util.tree_leaves(tree["params"]))
+  key = jax.random.wrap_key_data(tree["key"], impl=jax.random.key_impl(like.key))
+  return type(like)(params, opt_state, tree["step"], key)

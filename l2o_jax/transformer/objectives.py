@@ -1,0 +1,129 @@
+"""Training objectives and evaluation for the trained Transformers (section 6).
+
+`model` is "small_tf" (this package, `small_tf.py`) or "gpt2" (`gpt2.py`, imported lazily).
+Both predict y_hat_1..y_hat_{N+1} for one instance in one causal pass, the last being the query.
+The paper's loss is the label loss at the query, sum_j (y_{N+1,j} - y_hat_{N+1,j})^2 over the
+batch (section 6); we use its mean ("query"); "all" averages over every prefix (Garg et al.).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2o_jax import _checks
+from l2o_jax.tasks import Task, sample_tasks
+from l2o_jax.train import Objective
+from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
+
+MODELS = ("small_tf", "gpt2")
+LOSSES = ("query", "all")
+
+
+def _check_model(model: str) -> str:
+  if model not in MODELS:
+    raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
+  return model
+
+
+def _gpt2():
+  from l2o_jax.transformer import gpt2  # engineer 4's module; optional until it exists
+  return gpt2
+
+
+def init_params(model: str, key, *, d: int = 20, n: int = 10, **model_kwargs):
+  """Initial parameters. small_tf: `small_tf_init(key, d=d, **model_kwargs)` (n is unused: no
+  positional encoding). gpt2: `gpt2.init(key, d=d, max_points=n + 1, **model_kwargs)`."""
+  _check_model(model)
+  if model == "small_tf":
+    return small_tf_init(key, d=d, **model_kwargs)
+  model_kwargs.pop("readout", None)  # GPT-2 always reads out linearly
+  model_kwargs.setdefault("max_points", n + 1)
+  return _gpt2().init(key, d=d, **model_kwargs)
+
+
+def predict(model: str, params, X, y, x_query) -> jax.Array:
+  """(N+1,) predictions for one instance (X (N, d), y (N,), x_query (d,)); the last is the query."""
+  _check_model(model)
+  if model == "small_tf":
+    return small_tf_predict(params, X, y, x_query)
+  return _gpt2().predict(params, X, y, x_query)
+
+
+def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=None,
+                   batch: int = 64, readout: str = "query", loss_on: str = "query",
+                   noise_std: float = 0.0, **model_kwargs) -> Objective:
+  """A `train.Objective`: fresh tasks every step (section 6), squared label loss.
+
+  Args:
+    model: "small_tf" or "gpt2".
+    d, n, s, support, noise_std: the task distribution (`sample_tasks`); support=10 is Figure 1b.
+    batch: tasks per step (paper: 64).
+    readout: Small TF read-out, one of 'query', 'linear', 'query_dagger' (ignored for gpt2).
+    loss_on: "query" = mean_b (y_{N+1} - y_hat_{N+1})^2 (the paper's); "all" = mean over every
+      prefix i = 1..N+1 of (y_i - y_hat_i)^2.
+    model_kwargs: passed to `init_params` (e.g. num_layers, out_scale for small_tf).
+  """
+  _check_model(model)
+  if loss_on not in LOSSES:
+    raise ValueError(f"loss_on: expected one of {LOSSES}, got {loss_on!r}")
+  if model == "small_tf":
+    if readout not in READOUTS:
+      raise ValueError(f"readout: expected one of {READOUTS}, got {readout!r}")
+    model_kwargs["readout"] = readout
+  batch = _checks.check_positive_int("batch", batch)
+  sample_tasks(jax.random.key(0), 1, d=d, n=n, s=s, support=support, noise_std=noise_std)  # validate now
+
+  def init(key):
+    return init_params(model, key, d=d, n=n, **dict(model_kwargs))
+
+  def sample(key):
+    return sample_tasks(key, batch, d=d, n=n, s=s, support=support, noise_std=noise_std)
+
+  def loss(params, task: Task):
+    preds = jax.vmap(lambda X, y, q: predict(model, params, X, y, q))(task.X, task.y, task.x_query)
+    if loss_on == "query":
+      return jnp.mean((task.y_query - preds[:, -1]) ** 2)
+    targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
+    return jnp.mean((targets - preds) ** 2)
+
+  return Objective(init, sample, loss)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_errors_fn(model: str):
+  def one(params, X, y, x_query, y_query):
+    N = X.shape[0]
+
+    # The query prediction with only the first n demonstrations: the model is causal, so token
+    # 2n+1 sees exactly (x_1, y_1, ..., x_n, y_n, x_{n+1}); putting x_query in row n+1 makes
+    # that token the query of the length-n prompt. One pass per n, one compile for all n.
+    def with_n(n):
+      Xn = jnp.where((jnp.arange(N) == n)[:, None], x_query[None], X)
+      return predict(model, params, Xn, y, x_query)[n]
+
+    preds = jax.vmap(with_n)(jnp.arange(N + 1))
+    return (y_query - preds) ** 2
+
+  return jax.jit(lambda params, task: jnp.mean(
+      jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params, task.X, task.y, task.x_query, task.y_query), axis=0))
+
+
+def evaluate(model: str, params, task: Task) -> dict:
+  """Query prediction error of a trained model on a batch of tasks, overall and per prompt length.
+
+  Returns {"pred_error": mean (y_query - y_hat_query)^2 with all N demonstrations,
+           "per_prompt_length": {n: the same with only the first n demonstrations, n = 1..N}},
+  the Transformer counterpart of `l2o_jax.metrics.per_prompt_length` (same targets).
+  """
+  _check_model(model)
+  if not isinstance(task, Task):
+    raise ValueError(f"task: expected an l2o_jax.Task, got {type(task).__name__}")
+  B, N, d = _checks.check_ndim("task.X", task.X, 3, "(B, N, d)")
+  if N < 1:
+    raise ValueError(f"task.X: expected at least one demonstration, got shape {(B, N, d)}")
+  predict(model, params, task.X[0], task.y[0], task.x_query[0])  # argument checks, outside jit
+  errs = np.asarray(_prefix_errors_fn(model)(params, task))
+  return {"pred_error": float(errs[N]), "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}

@@ -1,0 +1,243 @@
+"""The paper's Transformer (section 3.1, Definition 3.3) and the trained "Small TF" (section 6).
+
+`transformer_forward` is K blocks of masked ReLU attention (Definition 3.1, the 1/i causal
+mask) followed by the residual ReLU MLP (Definition 3.2): no LayerNorm, no positional encoding,
+no softmax. The explicit LISTA-VM weights (`construction.py`) and the trained Small TF share it.
+
+Small TF parameters are a plain pytree:
+  {"body": {"attn": {"Q","K","V": (K, M, D, D)}, "mlp": {"W1": (K, D', D), "W2": (K, D, D'), "b": (K, D')}},
+   "v": (D,)        -- linear read-out (Definition 4.1), or
+   "V": (D, d)      -- query read-out (Definition 4.2), or
+   neither          -- query-dagger read-out (fixed V of Corollary E.1, no parameters)}
+The read-out kind is read off the pytree's structure, so it is static under jit.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from l2o_jax import _checks
+from l2o_jax.ops import _attention, _mlp
+from l2o_jax.transformer import readout as ro
+from l2o_jax.transformer.embedding import _embed, dim_from_D, embed, model_dim
+
+READOUTS = ("linear", "query", "query_dagger")
+
+
+def _check_body(params) -> tuple[int, int, int, int]:
+  """Validates transformer_forward params; returns (K, M, D, D')."""
+  try:
+    Q, K, V = (params["attn"][k] for k in ("Q", "K", "V"))
+    W1, W2, b = (params["mlp"][k] for k in ("W1", "W2", "b"))
+  except (KeyError, TypeError) as e:
+    raise ValueError("params: expected {'attn': {'Q','K','V': (K, M, D, D)}, "
+                     "'mlp': {'W1': (K, D', D), 'W2': (K, D, D'), 'b': (K, D')}}, "
+                     f"missing {e}") from None
+  q = _checks.check_ndim("params['attn']['Q']", Q, 4, "(K, M, D, D)")
+  L, M, D, D2 = q
+  if D != D2:
+    raise ValueError(f"params['attn']['Q']: expected (K, M, D, D), got shape {q}")
+  for name, A in (("K", K), ("V", V)):
+    if _checks.shape_of(name, A) != q:
+      raise ValueError(f"params['attn']['{name}']: expected shape {q} like Q, got {_checks.shape_of(name, A)}")
+  w1 = _checks.check_ndim("params['mlp']['W1']", W1, 3, f"(K, D', D) = ({L}, D', {D})")
+  if w1[0] != L or w1[2] != D:
+    raise ValueError(f"params['mlp']['W1']: expected shape ({L}, D', {D}), got {w1}")
+  Dh = w1[1]
+  if _checks.shape_of("W2", W2) != (L, D, Dh):
+    raise ValueError(f"params['mlp']['W2']: expected shape ({L}, {D}, {Dh}), got {_checks.shape_of('W2', W2)}")
+  if _checks.shape_of("b", b) != (L, Dh):
+    raise ValueError(f"params['mlp']['b']: expected shape ({L}, {Dh}), got {_checks.shape_of('b', b)}")
+  return L, M, D, Dh
+
+
+def transformer_forward(params, H, *, return_all: bool = False) -> jax.Array:
+  """K blocks of TF_Theta (Definition 3.3): H <- MLP(Attn(H)), lax.scan over the blocks.
+
+  Args:
+    params: {"attn": {"Q","K","V": (K, M, D, D)}, "mlp": {"W1": (K, D', D), "W2": (K, D, D'), "b": (K, D')}}.
+    H: (D, T) input sequence (e.g. `embed(X, y, x_query)`), tokens as columns.
+    return_all: also return every block's output.
+  Returns:
+    (D, T) the output H^(K+1), or (K, D, T) with entry k-1 = H^(k+1) when return_all.
+  """
+  _, _, D, _ = _check_body(params)
+  shape = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
+  if shape[0] != D:
+    raise ValueError(f"H: expected {D} rows to match params (D = {D}), got shape {shape}")
+  return _forward(params, H, return_all=return_all)
+
+
+def _forward(params, H, *, return_all=False):
+  def block(H, p):
+    a, m = p["attn"], p["mlp"]
+    H = _mlp(_attention(H, a["Q"], a["K"], a["V"]), m["W1"], m["W2"], m["b"])
+    return H, (H if return_all else None)
+
+  H_out, all_H = lax.scan(block, H, params)
+  return all_H if return_all else H_out
+
+
+def readout_kind(params) -> str:
+  """'linear', 'query' or 'query_dagger', from the Small TF pytree's keys."""
+  if not isinstance(params, dict) or "body" not in params:
+    raise ValueError("params: expected Small TF params {'body': ..., and 'v' | 'V' | neither}, "
+                     f"got {type(params).__name__}{' with keys ' + str(sorted(params)) if isinstance(params, dict) else ''}")
+  if "v" in params and "V" in params:
+    raise ValueError("params: expected at most one read-out ('v' linear or 'V' query), got both")
+  return "linear" if "v" in params else "query" if "V" in params else "query_dagger"
+
+
+def _check_readout(readout: str) -> str:
+  if readout not in READOUTS:
+    raise ValueError(f"readout: expected one of {READOUTS}, got {readout!r}")
+  return readout
+
+
+def small_tf_init(key, *, d: int = 20, num_layers: int = 12, num_heads: int = 4,
+                  mlp_hidden: int | None = None, readout: str = "query",
+                  qk_scale: float = 1.0, out_scale: float = 0.1) -> dict:
+  """Random Small TF parameters (section 6: 12 layers, 4 heads, D = 2d + 2 = 42).
+
+  Initialisation (no LayerNorm, so each block must start close to the identity):
+    Q, K ~ N(0, qk_scale^2 / D): scores (Q h_i)^T (K h_j) of order |h|^2 / sqrt(D);
+    V ~ N(0, out_scale^2 / (D M K)) and W2 ~ N(0, out_scale^2 / (D' K)): the residual branches
+      start small and their sum over K blocks stays O(out_scale), whatever the depth;
+    W1 ~ N(0, 2 / D) (He), b = 0;
+    read-out v ~ N(0, 1 / D), V ~ N(0, 1 / (D d)).
+
+  Args:
+    key: a jax.random.key.
+    d: the dimension of beta*; D = 2d + 2.
+    num_layers: K blocks. num_heads: M heads per block.
+    mlp_hidden: D' (default 4D, the construction's width).
+    readout: 'query' (Definition 4.2), 'linear' (Definition 4.1) or 'query_dagger' (Corollary E.1).
+  """
+  d = _checks.check_positive_int("d", d)
+  L = _checks.check_positive_int("num_layers", num_layers)
+  M = _checks.check_positive_int("num_heads", num_heads)
+  D = model_dim(d)
+  Dh = 4 * D if mlp_hidden is None else _checks.check_positive_int("mlp_hidden", mlp_hidden)
+  _check_readout(readout)
+  for name, s in (("qk_scale", qk_scale), ("out_scale", out_scale)):
+    if not s >= 0:
+      raise ValueError(f"{name}: expected a float >= 0, got {s}")
+  kq, kk, kv, k1, k2, kr = jax.random.split(key, 6)
+  normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)
+  body = {
+      "attn": {"Q": normal(kq, (L, M, D, D), qk_scale / math.sqrt(D)),
+               "K": normal(kk, (L, M, D, D), qk_scale / math.sqrt(D)),
+               "V": normal(kv, (L, M, D, D), out_scale / math.sqrt(D * M * L))},
+      "mlp": {"W1": normal(k1, (L, Dh, D), math.sqrt(2.0 / D)),
+              "W2": normal(k2, (L, D, Dh), out_scale / math.sqrt(Dh * L)),
+              "b": jnp.zeros((L, Dh), jnp.float32)},
+  }
+  params = {"body": body}
+  if readout == "linear":
+    params["v"] = normal(kr, (D,), 1.0 / math.sqrt(D))
+  elif readout == "query":
+    params["V"] = normal(kr, (D, d), 1.0 / math.sqrt(D * d))
+  return params
+
+
+def _check_small_tf(params) -> tuple[str, int]:
+  kind = readout_kind(params)
+  _, _, D, _ = _check_body(params["body"])
+  d = dim_from_D(D)
+  if kind == "linear" and _checks.shape_of("v", params["v"]) != (D,):
+    raise ValueError(f"params['v']: expected shape ({D},), got {_checks.shape_of('v', params['v'])}")
+  if kind == "query" and _checks.shape_of("V", params["V"]) != (D, d):
+    raise ValueError(f"params['V']: expected shape ({D}, {d}), got {_checks.shape_of('V', params['V'])}")
+  return kind, d
+
+
+def small_tf_predict(params, X, y, x_query) -> jax.Array:
+  """(N+1,) predictions y_hat_1..y_hat_{N+1}; y_hat_i is read at token 2i-1 (has seen i-1
+  demonstrations), so y_hat_{N+1} is the query prediction. Single instance; vmap for batches.
+
+  X: (N, d); y: (N,); x_query: (d,). N is free: the model has no positional encoding.
+  """
+  _, d = _check_small_tf(params)
+  H = embed(X, y, x_query)  # checks X, y, x_query
+  if H.shape[0] != model_dim(d):
+    raise ValueError(f"X: expected d = {d} columns to match params (D = {model_dim(d)}), got {X.shape[1]}")
+  return _predict(params, X, y, x_query)
+
+
+def _predict(params, X, y, x_query):
+  H = _forward(params["body"], _embed(X, y, x_query))
+  kind = readout_kind(params)
+  if kind == "linear":
+    return ro._linear(params["v"], H)
+  Xt = ro.x_tilde(X, x_query)
+  if kind == "query":
+    return ro._query(params["V"], H, Xt)
+  return ro._query_dagger(H, Xt)
+
+
+def small_tf_from_construction(lista_vm_params, bound, readout: str = "query", *, support=None) -> dict:
+  """Small TF params whose forward pass is LISTA-VM (Theorem 4.1) and whose read-out gives
+  y_hat_i = x_i^T beta_{2i-1}^{(K+1)} (Corollary E.1).
+
+  readout: 'query' (V = V^dagger as a trainable matrix) or 'query_dagger'. A linear read-out
+  cannot express x_i^T beta (it is bilinear), so 'linear' is rejected.
+  support: prior support set for LISTA-VM-SS (Corollary D.1), as in `construct_lista_vm_transformer`.
+  """
+  from l2o_jax.transformer.construction import construct_lista_vm_transformer
+  _check_readout(readout)
+  if readout == "linear":
+    raise ValueError("readout: expected 'query' or 'query_dagger'; a linear read-out v^T h cannot "
+                     "produce x^T beta from the constructed sequence (Theorem 5.2 needs an extra layer)")
+  body = construct_lista_vm_transformer(lista_vm_params, bound, support=support)
+  params = {"body": body}
+  if readout == "query":
+    d = lista_vm_params["M"].shape[-1]
+    params["V"] = ro.query_dagger_matrix(d, body["attn"]["Q"].dtype)
+  return params
+
+
+try:  # A thin flax.nnx wrapper for users who want a Module; training uses the pure pytree.
+  from flax import nnx
+
+  class SmallTF(nnx.Module):
+    """nnx view of a Small TF: `SmallTF(d=20, rngs=nnx.Rngs(0))(X, y, x_query) -> (N+1,)`.
+
+    Holds the same arrays as `small_tf_init` as nnx.Params; `to_params()` / `from_params()`
+    convert to and from the pure pytree used by `small_tf_predict` and the training loop.
+    """
+
+    def __init__(self, *, d: int = 20, num_layers: int = 12, num_heads: int = 4,
+                 mlp_hidden: int | None = None, readout: str = "query", rngs=None, params=None, **init_kw):
+      if params is None:
+        key = rngs.params() if rngs is not None else jax.random.key(0)
+        params = small_tf_init(key, d=d, num_layers=num_layers, num_heads=num_heads,
+                               mlp_hidden=mlp_hidden, readout=readout, **init_kw)
+      self.readout = readout_kind(params)
+      a, m = params["body"]["attn"], params["body"]["mlp"]
+      self.Q, self.K, self.V = nnx.Param(a["Q"]), nnx.Param(a["K"]), nnx.Param(a["V"])
+      self.W1, self.W2, self.b = nnx.Param(m["W1"]), nnx.Param(m["W2"]), nnx.Param(m["b"])
+      ro_arr = params.get("v", params.get("V"))
+      self.readout_weight = nnx.Param(ro_arr) if ro_arr is not None else None
+
+    @classmethod
+    def from_params(cls, params) -> "SmallTF":
+      return cls(params=params)
+
+    def to_params(self) -> dict:
+      val = lambda p: p[...]
+      params = {"body": {"attn": {"Q": val(self.Q), "K": val(self.K), "V": val(self.V)},
+                         "mlp": {"W1": val(self.W1), "W2": val(self.W2), "b": val(self.b)}}}
+      if self.readout == "linear":
+        params["v"] = val(self.readout_weight)
+      elif self.readout == "query":
+        params["V"] = val(self.readout_weight)
+      return params
+
+    def __call__(self, X, y, x_query):
+      return small_tf_predict(self.to_params(), X, y, x_query)
+
+except ImportError:  # pragma: no cover - flax is a core dependency
+  SmallTF = None

@@ -1,0 +1,185 @@
+"""GPT-2 baseline (l2o_jax/transformer/gpt2.py): shapes, causality, batch/instance agreement,
+one Adam step, bad inputs, and two independent references -- a per-token NumPy loop and (when
+torch/transformers are installed) HF `GPT2Model` given the same weights."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2o_jax.tasks import sample_tasks
+from l2o_jax.transformer import gpt2
+
+D, N, B = 5, 6, 4            # x dimension, demonstrations, batch
+MAX_POINTS = N + 2           # one spare point so shorter and longer prompts both fit
+CFG = dict(num_layers=2, width=16, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = gpt2.init(jax.random.key(0), d=D, max_points=MAX_POINTS, **CFG)
+  # Non-trivial LayerNorm/bias values so the references test every parameter.
+  leaves, tree = jax.tree_util.tree_flatten(p)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def task():
+  return sample_tasks(jax.random.key(2), B, d=D, n=N, s=2)
+
+
+@pytest.fixture(scope="module")
+def predict_jit():
+  return jax.jit(gpt2.predict_batch, static_argnames=("num_heads", "attention"))
+
+
+def _numpy_reference(p, X, y, xq, num_heads):
+  """Token-by-token GPT-2 forward (float64): attention of token t over tokens 0..t only."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+  n, d = X.shape
+  toks = []
+  for i in range(n):
+    toks += [X[i], np.eye(d)[0] * y[i]]
+  toks.append(xq)
+  h = np.stack(toks) @ p["read_in"]["w"] + p["read_in"]["b"] + p["wpe"][:len(toks)]
+
+  def ln(v, g, b):
+    return (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-5) * g + b
+
+  def gelu_new(v):
+    return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+
+  T, W = h.shape
+  hd = W // num_heads
+  for layer in range(p["blocks"]["qkv_w"].shape[0]):
+    q = {k: v[layer] for k, v in p["blocks"].items()}
+    a = ln(h, q["ln1_g"], q["ln1_b"]) @ q["qkv_w"] + q["qkv_b"]
+    Q, K, V = a[:, :W], a[:, W:2 * W], a[:, 2 * W:]
+    att = np.zeros((T, W))
+    for t in range(T):
+      for m in range(num_heads):
+        sl = slice(m * hd, (m + 1) * hd)
+        s = K[:t + 1, sl] @ Q[t, sl] / math.sqrt(hd)
+        w = np.exp(s - s.max())
+        att[t, sl] = (w / w.sum()) @ V[:t + 1, sl]
+    h = h + att @ q["proj_w"] + q["proj_b"]
+    h = h + gelu_new(ln(h, q["ln2_g"], q["ln2_b"]) @ q["fc_w"] + q["fc_b"]) @ q["out_w"] + q["out_b"]
+  h = ln(h, p["ln_f"]["g"], p["ln_f"]["b"])
+  return (h @ p["read_out"]["w"] + p["read_out"]["b"])[::2]
+
+
+def test_shapes_and_prompt_lengths(params, task, predict_jit):
+  out = predict_jit(params, task.X, task.y, task.x_query)
+  assert out.shape == (B, N + 1)
+  single = gpt2.predict(params, task.X[0], task.y[0], task.x_query[0])
+  assert single.shape == (N + 1,)
+  # Any n with n + 1 <= max_points, including the longest.
+  X, y = jnp.concatenate([task.X, task.X[:, :1]], 1), jnp.concatenate([task.y, task.y[:, :1]], 1)
+  assert gpt2.predict_batch(params, X, y, task.x_query).shape == (B, N + 2)
+  assert gpt2.predict_batch(params, task.X[:, :1], task.y[:, :1], task.x_query).shape == (B, 2)
+  cfg = gpt2.config(params)
+  assert (cfg["d"], cfg["max_points"], cfg["num_layers"], cfg["width"]) == (D, MAX_POINTS, 2, 16)
+
+
+def test_matches_numpy_reference(params, task, predict_jit):
+  out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
+  for b in range(2):
+    ref = _numpy_reference(params, *(np.asarray(a[b], np.float64) for a in (task.X, task.y, task.x_query)),
+                           CFG["num_heads"])
+    np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-4)
+  xla = predict_jit(params, task.X, task.y, task.x_query, attention="xla")
+  np.testing.assert_allclose(np.asarray(xla), out, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_equals_predict_batch(params, task, predict_jit):
+  batch = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
+  single = jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0))(params, task.X, task.y, task.x_query)
+  np.testing.assert_allclose(np.asarray(single), batch, rtol=1e-5, atol=1e-6)
+  one = gpt2.predict(params, task.X[1], task.y[1], task.x_query[1])
+  np.testing.assert_allclose(np.asarray(one), batch[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_causality(params, task, predict_jit, k):
+  # Perturb y_k (0-based index k) and every x after it: predictions 0..k are read at x_1..x_{k+1},
+  # which come before y_{k+1}'s token, so they must not move; later ones must.
+  X = task.X.at[:, k + 1:].add(1.0)
+  y = task.y.at[:, k:].add(1.0)
+  xq = task.x_query + 1.0
+  base = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
+  pert = np.asarray(predict_jit(params, X, y, xq))
+  np.testing.assert_array_equal(pert[:, :k + 1], base[:, :k + 1])
+  assert np.all(np.abs(pert[:, k + 1:] - base[:, k + 1:]) > 1e-6)
+
+
+def test_one_adam_step_lowers_loss(params, task):
+  opt = optax.adam(1e-3)
+  loss_fn = lambda p: gpt2.loss(p, task.X, task.y, task.x_query, task.y_query)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+  l0, g = value_and_grad(params)
+  updates, _ = opt.update(g, opt.init(params), params)
+  l1, _ = value_and_grad(optax.apply_updates(params, updates))
+  assert np.isfinite(float(l0)) and float(l1) < float(l0)
+  # The query-only loss is the last column of the prefix loss.
+  pred = gpt2.predict_batch(params, task.X, task.y, task.x_query)
+  q = gpt2.loss(params, task.X, task.y, task.x_query, task.y_query, prefix=False)
+  np.testing.assert_allclose(float(q), float(jnp.mean((pred[:, -1] - task.y_query) ** 2)), rtol=1e-5)
+
+
+def test_bad_inputs(params, task):
+  X, y, xq = task.X, task.y, task.x_query
+  with pytest.raises(ValueError, match="X: expected a 3-D"):
+    gpt2.predict_batch(params, X[0], y, xq)
+  with pytest.raises(ValueError, match="y: expected shape"):
+    gpt2.predict_batch(params, X, y[:, :-1], xq)
+  with pytest.raises(ValueError, match="x_query: expected shape"):
+    gpt2.predict_batch(params, X, y, xq[:, :-1])
+  with pytest.raises(ValueError, match="d = 5"):
+    gpt2.predict_batch(params, X[..., :-1], y, xq[:, :-1])
+  too_long = jnp.zeros((B, MAX_POINTS, D))
+  with pytest.raises(ValueError, match="max_points"):
+    gpt2.predict_batch(params, too_long, jnp.zeros((B, MAX_POINTS)), xq)
+  with pytest.raises(ValueError, match="x_query: expected shape"):
+    gpt2.predict(params, X[0], y[0], xq[0, :-1])
+  with pytest.raises(ValueError, match="num_heads"):
+    gpt2.predict_batch(params, X, y, xq, num_heads=3)
+  with pytest.raises(ValueError, match="attention"):
+    gpt2.predict_batch(params, X, y, xq, attention="flash")
+  with pytest.raises(ValueError, match="width"):
+    gpt2.init(jax.random.key(0), d=D, max_points=4, width=10, num_heads=4)
+  with pytest.raises(ValueError, match="max_points"):
+    gpt2.init(jax.random.key(0), d=D, max_points=0)
+  with pytest.raises(ValueError, match="params"):
+    gpt2.predict_batch({"w": 1}, X, y, xq)
+
+
+def test_matches_hf_gpt2(params, task, predict_jit):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  W, L, M = CFG["width"], CFG["num_layers"], CFG["num_heads"]
+  config = transformers.GPT2Config(n_positions=2 * MAX_POINTS, n_embd=W, n_layer=L, n_head=M,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                                   activation_function="gelu_new", layer_norm_epsilon=1e-5)
+  config._attn_implementation = "eager"
+  model = transformers.GPT2Model(config).eval()
+  t = lambda a: torch.tensor(np.asarray(a, np.float32))
+  blk = params["blocks"]
+  with torch.no_grad():
+    model.wpe.weight.copy_(t(params["wpe"]))
+    for i, h in enumerate(model.h):   # HF Conv1D stores weights as (in, out), like ours
+      h.ln_1.weight.copy_(t(blk["ln1_g"][i])); h.ln_1.bias.copy_(t(blk["ln1_b"][i]))
+      h.attn.c_attn.weight.copy_(t(blk["qkv_w"][i])); h.attn.c_attn.bias.copy_(t(blk["qkv_b"][i]))
+      h.attn.c_proj.weight.copy_(t(blk["proj_w"][i])); h.attn.c_proj.bias.copy_(t(blk["proj_b"][i]))
+      h.ln_2.weight.copy_(t(blk["ln2_g"][i])); h.ln_2.bias.copy_(t(blk["ln2_b"][i]))
+      h.mlp.c_fc.weight.copy_(t(blk["fc_w"][i])); h.mlp.c_fc.bias.copy_(t(blk["fc_b"][i]))
+      h.mlp.c_proj.weight.copy_(t(blk["out_w"][i])); h.mlp.c_proj.bias.copy_(t(blk["out_b"][i]))
+    model.ln_f.weight.copy_(t(params["ln_f"]["g"])); model.ln_f.bias.copy_(t(params["ln_f"]["b"]))
+    embeds = t(gpt2.tokens(task.X, task.y, task.x_query)) @ t(params["read_in"]["w"]) + t(params["read_in"]["b"])
+    hidden = model(inputs_embeds=embeds).last_hidden_state
+    ref = (hidden @ t(params["read_out"]["w"]) + t(params["read_out"]["b"]))[:, ::2].numpy()
+  out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,36 @@
+"""Prediction error, NMSE and the per-prompt-length helper."""
+import jax
+import numpy as np
+import pytest
+
+import l2o_jax as L
+
+
+def test_prediction_error_and_nmse():
+  rng = np.random.default_rng(0)
+  xq, b, bh = (rng.normal(size=(5, 4)) for _ in range(3))
+  yq = np.einsum("bd,bd->b", xq, b)
+  ref = np.mean((yq - np.einsum("bd,bd->b", xq, bh)) ** 2)
+  np.testing.assert_allclose(L.prediction_error(yq, xq, bh), ref, rtol=1e-6)
+  assert float(L.prediction_error(yq, xq, b)) < 1e-10
+  nmse = 10 * np.log10(((bh - b) ** 2).sum() / (b ** 2).sum())
+  np.testing.assert_allclose(L.beta_nmse_db(bh, b), nmse, rtol=1e-5)
+
+
+def test_prediction_error_bad_shapes():
+  with pytest.raises(ValueError, match="x_query"):
+    L.prediction_error(np.ones(5), np.ones((5, 3)), np.ones((5, 4)))
+  with pytest.raises(ValueError, match="y_query"):
+    L.prediction_error(np.ones(4), np.ones((5, 3)), np.ones((5, 3)))
+
+
+def test_per_prompt_length_uses_first_n():
+  t = L.sample_tasks(jax.random.key(0), 256, d=10, n=6, s=2)
+  est = L.batched(L.fista, lam=0.01, num_iters=20)
+  curve = L.per_prompt_length(est, t, lengths=[1, 3, 6])
+  assert sorted(curve) == [1, 3, 6]
+  direct = float(L.prediction_error(t.y_query, t.x_query, est(t.X[:, :3], t.y[:, :3])))
+  np.testing.assert_allclose(curve[3], direct, rtol=1e-6)
+  assert curve[6] < curve[1]
+  with pytest.raises(ValueError, match="lengths"):
+    L.per_prompt_length(est, t, lengths=[0])

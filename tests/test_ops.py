@@ -1,0 +1,87 @@
+"""soft_threshold, masked ReLU attention (Def. 3.1) and ReLU MLP (Def. 3.2) against plain loops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import l2o_jax as L
+
+
+def test_soft_threshold_elementwise():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=200).astype(np.float32) * 2
+  for theta in (0.0, 0.3, 1.7):
+    ref = np.array([np.sign(v) * max(abs(v) - theta, 0.0) for v in x], np.float32)
+    np.testing.assert_allclose(L.soft_threshold(x, theta), ref, atol=1e-6)
+  # Vector thresholds broadcast elementwise.
+  th = np.abs(rng.normal(size=200)).astype(np.float32)
+  ref = np.sign(x) * np.maximum(np.abs(x) - th, 0)
+  np.testing.assert_allclose(L.soft_threshold(x, th), ref, atol=1e-6)
+
+
+def test_soft_threshold_negative_theta():
+  with pytest.raises(ValueError, match="theta: expected values >= 0"):
+    L.soft_threshold(np.ones(3), -0.1)
+
+
+def attention_loop(H, Q, K, V):
+  """Definition 3.1, token by token: h_i + sum_m sum_{j<=i} (1/i) ReLU(<Q_m h_i, K_m h_j>) V_m h_j."""
+  D, T = H.shape
+  out = H.astype(np.float64).copy()
+  for i in range(T):
+    for m in range(Q.shape[0]):
+      for j in range(i + 1):
+        score = float((Q[m] @ H[:, i]) @ (K[m] @ H[:, j]))
+        out[:, i] += max(score, 0.0) / (i + 1) * (V[m] @ H[:, j])
+  return out
+
+
+def test_masked_relu_attention_matches_loop():
+  rng = np.random.default_rng(1)
+  D, T, M = 6, 7, 3
+  H = rng.normal(size=(D, T)).astype(np.float32)
+  Q, K, V = (rng.normal(size=(M, D, D)).astype(np.float32) * 0.5 for _ in range(3))
+  ref = attention_loop(H, Q, K, V)
+  out = L.masked_relu_attention(H, {"Q": Q, "K": K, "V": V})
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # The list-of-(V, Q, K) form is the same layer.
+  out2 = L.masked_relu_attention(H, [(V[m], Q[m], K[m]) for m in range(M)])
+  np.testing.assert_allclose(out2, out, rtol=1e-6, atol=1e-6)
+  # jit equals no jit.
+  out3 = jax.jit(L.masked_relu_attention)(H, {"Q": Q, "K": K, "V": V})
+  np.testing.assert_allclose(out3, out, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_is_causal():
+  rng = np.random.default_rng(2)
+  D, T, M = 5, 6, 2
+  H = rng.normal(size=(D, T)).astype(np.float32)
+  heads = {k: rng.normal(size=(M, D, D)).astype(np.float32) for k in "QKV"}
+  H2 = H.copy()
+  H2[:, 4:] += 10.0
+  a, b = L.masked_relu_attention(H, heads), L.masked_relu_attention(H2, heads)
+  np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=1e-6)
+  assert not np.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_relu_mlp_matches_loop():
+  rng = np.random.default_rng(3)
+  D, Dh, T = 5, 9, 4
+  H = rng.normal(size=(D, T)).astype(np.float32)
+  W1 = rng.normal(size=(Dh, D)).astype(np.float32)
+  W2 = rng.normal(size=(D, Dh)).astype(np.float32)
+  b = rng.normal(size=Dh).astype(np.float32)
+  ref = np.stack([H[:, i] + W2 @ np.maximum(W1 @ H[:, i] + b, 0) for i in range(T)], 1)
+  np.testing.assert_allclose(L.relu_mlp(H, W1, W2, b), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: L.masked_relu_attention(np.ones(4), {"Q": np.ones((1, 4, 4)), "K": np.ones((1, 4, 4)), "V": np.ones((1, 4, 4))}), "H: expected a 2-D"),
+    (lambda: L.masked_relu_attention(np.ones((4, 3)), {"Q": np.ones((1, 5, 5)), "K": np.ones((1, 5, 5)), "V": np.ones((1, 5, 5))}), r"heads\['Q'\]: expected shape \(M, 4, 4\)"),
+    (lambda: L.masked_relu_attention(np.ones((4, 3)), {"Q": np.ones((1, 4, 4))}), "heads: expected keys"),
+    (lambda: L.relu_mlp(np.ones((4, 3)), np.ones((8, 5)), np.ones((4, 8)), np.ones(8)), "W1: expected shape"),
+    (lambda: L.relu_mlp(np.ones((4, 3)), np.ones((8, 4)), np.ones((4, 8)), np.ones(7)), "b: expected shape"),
+])
+def test_bad_input(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
