@@ -30,7 +30,7 @@ from jax import lax
 
 from l2o_jax import _checks
 from l2o_jax import tasks as tasks_lib
-from l2o_jax.solvers import lipschitz
+from l2o_jax.ops import soft_threshold
 from l2o_jax.train import Objective
 
 METHODS = ("lista", "lista_cp", "alista", "lista_vm", "lista_vm_ss")
@@ -42,10 +42,8 @@ INIT_NOISE = 0.01
 
 
 def _soft(x, theta):
-  # S_theta(x) with theta >= 0 enforced by clipping (see module docstring); x - clip(x) keeps
-  # d/dtheta defined everywhere.
-  theta = jnp.maximum(theta, 0.0)
-  return x - jnp.clip(x, -theta, theta)
+  # S_theta(x) with theta >= 0 enforced by clipping the learned value (see module docstring).
+  return soft_threshold(x, jnp.maximum(theta, 0.0))
 
 
 def _expected_lipschitz(n: int, d: int) -> float:
@@ -168,14 +166,16 @@ def _check_params(method, params, n, d) -> int:
 
 
 def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int = 10, lam: float = DEFAULT_LAM,
-                  X=None):
+                  X=None, support=None):
   """LISTA-VM parameters {"M": (K, d, d), "theta": (K,)} with an ISTA-like start.
 
   With M_k = c I, eq. (4.4) is ISTA with step c / (2n+1). We take c = (2n+1)/L and
   theta_k = lam / L, where L = lambda_max(X^T X) if the (n, d) matrix X is given (then
   `lista_vm(params, X, y)` equals `ista(X, y, lam, K)` exactly) and otherwise the expected
-  L ~ (sqrt(n) + sqrt(d))^2 of a standard Gaussian X (n defaults to the paper's N = 10). A PRNG
-  key (instead of None) adds i.i.d. N(0, (0.01 c)^2) noise to every entry of M.
+  L ~ (sqrt(n) + sqrt(d))^2 of a standard Gaussian X (n defaults to the paper's N = 10). With a
+  support prior (LISTA-VM-SS) X's columns outside it are zeroed first, and the expected L uses
+  the prior's size instead of d. A PRNG key (instead of None) adds i.i.d. N(0, (0.01 c)^2)
+  noise to every entry of M.
   """
   num_layers = _checks.check_positive_int("num_layers", num_layers)
   d = _checks.check_positive_int("d", d)
@@ -186,14 +186,14 @@ def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int = 10, lam: flo
     if shape[1] != d:
       raise ValueError(f"X: expected {d} columns (d), got shape {shape}")
     n = shape[0]
-    L = float(lipschitz(jnp.asarray(X, jnp.float32)))
+    L = _np_lipschitz(np.asarray(X, np.float64) * tasks_lib.support_mask(support, d))
   else:
-    L = _expected_lipschitz(n, d)
+    L = _expected_lipschitz(n, len(tasks_lib.support_indices(support, d, 1)))
   c = (2 * n + 1) / L
-  M = jnp.broadcast_to(c * jnp.eye(d, dtype=jnp.float32), (num_layers, d, d))
+  M = np.broadcast_to(c * np.eye(d), (num_layers, d, d))
   if key_or_none is not None:
-    M = M + INIT_NOISE * c * jax.random.normal(key_or_none, M.shape, jnp.float32)
-  return {"M": M, "theta": jnp.full((num_layers,), lam / L, jnp.float32)}
+    M = M + INIT_NOISE * c * _np_normal(key_or_none, M.shape)
+  return {"M": jnp.asarray(M, jnp.float32), "theta": jnp.full((num_layers,), lam / L, jnp.float32)}
 
 
 def lista_vm(params, X, y, *, return_all: bool = False):
@@ -232,19 +232,28 @@ def alista_weight(X):
   relaxation Liu & Chen solve in practice). The problem separates over columns: minimise
   ||X^T w_i||^2 s.t. w_i^T x_i = 1, whose solution for X X^T invertible (n < d, Gaussian X) is
       w_i = G^{-1} x_i / (x_i^T G^{-1} x_i),   G = X X^T,
-  so no projected-gradient loop is needed. A tiny ridge on G guards rank-deficient X.
+  so no projected-gradient loop is needed. Computed once on the host in float64 (X is fixed and
+  concrete); a tiny ridge on G guards a rank-deficient X.
   """
-  _checks.check_ndim("X", X, 2, "(n, d), the fixed measurement matrix")
-  return _alista_weight(jnp.asarray(X, jnp.float32))
-
-
-@jax.jit
-def _alista_weight(X):
-  n = X.shape[0]
+  n, d = _checks.check_ndim("X", X, 2, "(n, d), the fixed measurement matrix")
+  if not _checks.is_concrete(X):
+    raise ValueError("X: expected a concrete (n, d) array (ALISTA's W is computed on the host), got a tracer")
+  X = np.asarray(X, np.float64)
   G = X @ X.T
-  G = G + 1e-6 * jnp.trace(G) / n * jnp.eye(n, dtype=X.dtype)
-  GinvX = jnp.linalg.solve(G, X)
-  return GinvX / jnp.sum(X * GinvX, axis=0)
+  G = G + 1e-10 * np.trace(G) / n * np.eye(n)
+  GinvX = np.linalg.solve(G, X)
+  return jnp.asarray(GinvX / np.sum(X * GinvX, axis=0), jnp.float32)
+
+
+def _np_lipschitz(X) -> float:
+  """lambda_max(X^T X) in float64 on the host (init only; `solvers.lipschitz` is the jax one)."""
+  X = np.asarray(X, np.float64)
+  gram = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
+  return max(float(np.linalg.eigvalsh(gram)[-1]), np.finfo(np.float32).tiny)
+
+
+def _np_normal(key, shape) -> np.ndarray:
+  return np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
 
 
 def init(method: str, key, *, num_layers: int = 12, d: int = 20, n: int = 10, X=None, support=None,
@@ -274,33 +283,32 @@ def init(method: str, key, *, num_layers: int = 12, d: int = 20, n: int = 10, X=
     shape = _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
     if shape != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {shape}")
-    X = jnp.asarray(X, jnp.float32)
-  if method == "lista_vm_ss":
-    mask = jnp.asarray(tasks_lib.support_mask(support, d))
-    return lista_vm_init(key, num_layers, d, n=n, lam=lam, X=None if X is None else X * mask)
-  if method == "lista_vm":
-    return lista_vm_init(key, num_layers, d, n=n, lam=lam, X=X)
+    X = np.asarray(X, np.float64)
+  if method in ("lista_vm", "lista_vm_ss"):
+    return lista_vm_init(key, num_layers, d, n=n, lam=lam, X=X,
+                         support=support if method == "lista_vm_ss" else None)
   if method == "alista":
     if X is None:
       raise ValueError("X: method 'alista' needs the fixed (n, d) measurement matrix X (W is computed "
                        "from it), got None")
     W = alista_weight(X)
-    gamma = 1.0 / float(jnp.linalg.norm(W.T @ X, 2))
+    gamma = 1.0 / float(np.linalg.norm(np.asarray(W, np.float64).T @ X, 2))
     return {"W": W, "gamma": jnp.full((num_layers,), gamma, jnp.float32),
             "theta": jnp.full((num_layers,), lam * gamma, jnp.float32)}
   if X is None:
-    X = jax.random.normal(jax.random.key(0) if key is None else key, (n, d), jnp.float32)
-  L = float(lipschitz(X))
+    X = _np_normal(jax.random.key(0) if key is None else key, (n, d))
+  L = _np_lipschitz(X)
   K = num_layers
   if method == "lista":
-    params = {"W": jnp.broadcast_to(X.T / L, (K, d, n)),
-              "S": jnp.broadcast_to(jnp.eye(d) - X.T @ X / L, (K, d, d))}
+    params = {"W": np.broadcast_to(X.T / L, (K, d, n)),
+              "S": np.broadcast_to(np.eye(d) - X.T @ X / L, (K, d, d))}
   else:
-    params = {"D": jnp.broadcast_to(X / L, (K, n, d))}
+    params = {"D": np.broadcast_to(X / L, (K, n, d))}
   if key is not None:
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(params))
-    params = {k: v + INIT_NOISE * jnp.std(v) * jax.random.normal(kk, v.shape)
-              for kk, (k, v) in zip(keys, sorted(params.items()))}
+    noise = _np_normal(jax.random.fold_in(key, 1), (sum(v.size for v in params.values()),))
+    offsets = np.cumsum([0] + [v.size for v in params.values()])
+    params = {k: v + INIT_NOISE * v.std() * noise[a:b].reshape(v.shape)
+              for (k, v), a, b in zip(params.items(), offsets[:-1], offsets[1:])}
   params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
   params["theta"] = jnp.full((K,), lam / L, jnp.float32)
   return params

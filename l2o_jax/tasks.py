@@ -117,21 +117,21 @@ def sample_tasks(key, batch: int, *, d: int = 20, n: int = 10, s: int = 3, suppo
 
 @functools.partial(jax.jit, static_argnames=("batch", "d", "n", "s"))
 def _sample(key, idx, noise_std, x_std, X_fixed, *, batch, d, n, s):
-  k_support, k_values, k_x, k_query, k_noise = jax.random.split(key, 5)
+  k_support, k_normal = jax.random.split(key)
   k = idx.shape[0]
   # A uniformly random S-subset of the prior: the S smallest of k i.i.d. uniforms.
   ranks = jax.random.uniform(k_support, (batch, k))
   chosen = jnp.argsort(ranks, axis=1)[:, :s]
   coords = idx[chosen]
-  values = jax.random.normal(k_values, (batch, s))
+  # One normal draw for everything, sliced: each random call costs about a second of XLA compile
+  # on CPU, which dominates short jobs and the test suite.
+  z = jax.random.normal(k_normal, (batch, s + n * d + d + n + 1))
+  values, z = z[:, :s], z[:, s:]
+  X_rand, z = z[:, :n * d].reshape(batch, n, d), z[:, n * d:]
+  x_query, noise = z[:, :d] * x_std, z[:, d:] * noise_std
   beta = jnp.zeros((batch, d), jnp.float32)
   beta = beta.at[jnp.arange(batch)[:, None], coords].set(values)
-  if X_fixed is None:
-    X = jax.random.normal(k_x, (batch, n, d)) * x_std
-  else:
-    X = jnp.broadcast_to(X_fixed, (batch, n, d))
-  x_query = jax.random.normal(k_query, (batch, d)) * x_std
-  noise = jax.random.normal(k_noise, (batch, n + 1)) * noise_std
+  X = X_rand * x_std if X_fixed is None else jnp.broadcast_to(X_fixed, (batch, n, d))
   y = jnp.einsum("bnd,bd->bn", X, beta) + noise[:, :n]
   y_query = jnp.einsum("bd,bd->b", x_query, beta) + noise[:, n]
   return Task(X, y, x_query, y_query, beta)

@@ -86,14 +86,16 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> 
     state, ok = carry
     batch = objective.sample(jax.random.fold_in(state.key, state.step))
     loss, grads = jax.value_and_grad(objective.loss)(state.params, batch)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    ok_now = ok & finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Also check the new parameters: without clipping, Adam's moments can overflow while the
+    # gradient itself is still finite, which would silently poison the state.
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    ok_now = ok & finite
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok_now, a, b), new, old)
     new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
                            jnp.where(ok_now, state.step + 1, state.step), state.key)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite & ok}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite & ok}
     return (new_state, ok_now), metrics
 
   return step
@@ -171,10 +173,15 @@ def init_states(objective: Objective, optimizer: optax.GradientTransformation, s
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
 
 
+@functools.lru_cache(maxsize=64)
 def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransformation,
                            steps_per_call: int) -> Callable:
   """Like `make_train_chunk` for a stacked state (leading seed axis S): one compiled program
-  that trains every seed (jax.vmap of the scanned steps). metrics are (S, steps_per_call)."""
+  that trains every seed (jax.vmap of the scanned steps). metrics are (S, steps_per_call).
+
+  Cached on (objective, optimizer, steps_per_call), so repeated `fit` calls with the same
+  objective reuse the compiled program.
+  """
   _checks.check_positive_int("steps_per_call", steps_per_call)
   step = make_step(objective, optimizer)
 
@@ -262,7 +269,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   if start > num_steps:
     raise ValueError(f"num_steps: the workdir holds a checkpoint at step {start}, past num_steps={num_steps}")
   chunks: dict[int, Callable] = {}
-  losses, t0, last_log, done_at_start = [], time.time(), 0.0, start
+  losses, t0, last_log, done_at_start, first_chunk_end = [], time.time(), 0.0, start, None
   step = start
   for end in chunk_boundaries(start, num_steps, steps_per_call, eval_every, checkpoint_every):
     length = end - step
@@ -287,9 +294,13 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       if step not in checkpointer.steps():
         checkpointer.save(state)
     now = time.time()
+    if first_chunk_end is None:
+      # Rates exclude the first chunk, which includes compilation.
+      first_chunk_end = (now, step)
     if log_fn and (now - last_log >= log_every_s or step == num_steps or stop):
       last_log = now
-      rate = (step - done_at_start) / max(now - t0, 1e-9)
+      t_ref, s_ref = first_chunk_end if step > first_chunk_end[1] else (t0, done_at_start)
+      rate = (step - s_ref) / max(now - t_ref, 1e-9)
       eta = (num_steps - step) / max(rate, 1e-9)
       loss_now = float(np.mean(losses[-1][..., -1]))
       log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  "

@@ -75,10 +75,11 @@ def test_construction_equals_lista_vm_every_n_and_layer(instance, forward_all, s
   out = forward_all(construct_lista_vm_transformer(params, 1e4), embed(X, y, q))  # (K, D, T)
   assert out.shape == (K_, 2 * D_ + 2, 2 * N_ + 1)
   for n in range(1, N_ + 1):
-    want = lista.lista_vm(params, X[:n], y[:n], return_all=True)
-    np.testing.assert_allclose(beta_slot(out, n), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(beta_slot(out, n), _numpy_lista_vm(params["M"], params["theta"], X, y, n),
                                rtol=1e-4, atol=1e-5)
+  for n in (1, N_):  # and the library's LISTA-VM (one compile per n, so two of them)
+    np.testing.assert_allclose(beta_slot(out, n), lista.lista_vm(params, X[:n], y[:n], return_all=True),
+                               rtol=1e-5, atol=1e-5)
   # Token 1 has seen no demonstration: its iterate stays S_theta(0) = 0.
   np.testing.assert_array_equal(beta_slot(out, 0), 0.0)
   # The thresholds are active (the test would not see an MLP error otherwise).
@@ -99,8 +100,9 @@ def test_support_restricted_construction_equals_lista_vm_ss(instance, forward_al
   out = forward_all(construct_lista_vm_transformer(params, 1e4, support=k), embed(X, y, q))
   for n in range(1, N_ + 1):
     got = beta_slot(out, n)
-    np.testing.assert_allclose(got, lista.lista_vm_ss(params, X[:n], y[:n], k, return_all=True),
-                               rtol=1e-5, atol=1e-5)
+    if n in (2, N_):
+      np.testing.assert_allclose(got, lista.lista_vm_ss(params, X[:n], y[:n], k, return_all=True),
+                                 rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, _numpy_lista_vm(params["M"], params["theta"], X, y, n, support=k),
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got)[:, k:], 0.0)
@@ -145,7 +147,7 @@ def test_construction_is_differentiable_in_M_and_theta(instance):
     return jnp.sum(lista.lista_vm(params, X, y) ** 2)
 
   params = _random_lista_vm(0)
-  ga, gb = jax.grad(f)(params), jax.grad(g)(params)
+  ga, gb = jax.jit(jax.grad(f))(params), jax.jit(jax.grad(g))(params)
   np.testing.assert_allclose(ga["M"], gb["M"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ga["theta"], gb["theta"], rtol=1e-4, atol=1e-5)
 

@@ -2,6 +2,7 @@
 one Adam step, bad inputs, and two independent references -- a per-token NumPy loop and (when
 torch/transformers are installed) HF `GPT2Model` given the same weights."""
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-from l2o_jax.tasks import sample_tasks
 from l2o_jax.transformer import gpt2
 
 D, N, B = 5, 6, 4            # x dimension, demonstrations, batch
@@ -20,24 +20,35 @@ CFG = dict(num_layers=2, width=16, num_heads=2)
 @pytest.fixture(scope="module")
 def params():
   p = gpt2.init(jax.random.key(0), d=D, max_points=MAX_POINTS, **CFG)
-  # Non-trivial LayerNorm/bias values so the references test every parameter.
-  leaves, tree = jax.tree_util.tree_flatten(p)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(tree, leaves)
+  # Non-trivial LayerNorm/bias values and sharp attention, so the references test every
+  # parameter (with the N(0, 0.02) init, attention is near-uniform and hides head mix-ups).
+  rng = np.random.default_rng(1)
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x + 0.1 * rng.standard_normal(x.shape), jnp.float32), p)
+
+
+class _Task(NamedTuple):
+  X: jax.Array
+  y: jax.Array
+  x_query: jax.Array
+  y_query: jax.Array
 
 
 @pytest.fixture(scope="module")
 def task():
-  return sample_tasks(jax.random.key(2), B, d=D, n=N, s=2)
+  # NumPy data (a sample_tasks compile would cost seconds): sparse beta*, y = X beta*.
+  rng = np.random.default_rng(2)
+  beta = np.where(rng.random((B, D)) < 0.4, rng.standard_normal((B, D)), 0.0)
+  X, xq = rng.standard_normal((B, N, D)), rng.standard_normal((B, D))
+  return _Task(*(jnp.asarray(a, jnp.float32) for a in (X, np.einsum("bnd,bd->bn", X, beta), xq,
+                                                      np.einsum("bd,bd->b", xq, beta))))
 
 
 @pytest.fixture(scope="module")
 def predict_jit():
-  return jax.jit(gpt2.predict_batch, static_argnames=("num_heads", "attention"))
+  return jax.jit(gpt2.predict_batch, static_argnames=("attention",))
 
 
-def _numpy_reference(p, X, y, xq, num_heads):
+def _numpy_reference(p, X, y, xq):
   """Token-by-token GPT-2 forward (float64): attention of token t over tokens 0..t only."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
   n, d = X.shape
@@ -54,10 +65,11 @@ def _numpy_reference(p, X, y, xq, num_heads):
     return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
 
   T, W = h.shape
+  num_heads = p["blocks"]["qkv_w"].shape[3]
   hd = W // num_heads
   for layer in range(p["blocks"]["qkv_w"].shape[0]):
     q = {k: v[layer] for k, v in p["blocks"].items()}
-    a = ln(h, q["ln1_g"], q["ln1_b"]) @ q["qkv_w"] + q["qkv_b"]
+    a = ln(h, q["ln1_g"], q["ln1_b"]) @ q["qkv_w"].reshape(W, 3 * W) + q["qkv_b"].reshape(3 * W)
     Q, K, V = a[:, :W], a[:, W:2 * W], a[:, 2 * W:]
     att = np.zeros((T, W))
     for t in range(T):
@@ -75,21 +87,21 @@ def _numpy_reference(p, X, y, xq, num_heads):
 def test_shapes_and_prompt_lengths(params, task, predict_jit):
   out = predict_jit(params, task.X, task.y, task.x_query)
   assert out.shape == (B, N + 1)
-  single = gpt2.predict(params, task.X[0], task.y[0], task.x_query[0])
+  # eval_shape: shapes without compiling. Any n with n + 1 <= max_points, including the longest.
+  single = jax.eval_shape(gpt2.predict, params, task.X[0], task.y[0], task.x_query[0])
   assert single.shape == (N + 1,)
-  # Any n with n + 1 <= max_points, including the longest.
   X, y = jnp.concatenate([task.X, task.X[:, :1]], 1), jnp.concatenate([task.y, task.y[:, :1]], 1)
-  assert gpt2.predict_batch(params, X, y, task.x_query).shape == (B, N + 2)
-  assert gpt2.predict_batch(params, task.X[:, :1], task.y[:, :1], task.x_query).shape == (B, 2)
+  assert jax.eval_shape(gpt2.predict_batch, params, X, y, task.x_query).shape == (B, N + 2)
+  short = jax.eval_shape(gpt2.predict_batch, params, task.X[:, :1], task.y[:, :1], task.x_query)
+  assert short.shape == (B, 2)
   cfg = gpt2.config(params)
-  assert (cfg["d"], cfg["max_points"], cfg["num_layers"], cfg["width"]) == (D, MAX_POINTS, 2, 16)
+  assert cfg == dict(d=D, max_points=MAX_POINTS, **CFG)
 
 
 def test_matches_numpy_reference(params, task, predict_jit):
   out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
   for b in range(2):
-    ref = _numpy_reference(params, *(np.asarray(a[b], np.float64) for a in (task.X, task.y, task.x_query)),
-                           CFG["num_heads"])
+    ref = _numpy_reference(params, *(np.asarray(a[b], np.float64) for a in (task.X, task.y, task.x_query)))
     np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-4)
   xla = predict_jit(params, task.X, task.y, task.x_query, attention="xla")
   np.testing.assert_allclose(np.asarray(xla), out, rtol=1e-5, atol=1e-5)
@@ -97,9 +109,9 @@ def test_matches_numpy_reference(params, task, predict_jit):
 
 def test_predict_equals_predict_batch(params, task, predict_jit):
   batch = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
-  single = jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0))(params, task.X, task.y, task.x_query)
+  single = jax.jit(jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0)))(params, task.X, task.y, task.x_query)
   np.testing.assert_allclose(np.asarray(single), batch, rtol=1e-5, atol=1e-6)
-  one = gpt2.predict(params, task.X[1], task.y[1], task.x_query[1])
+  one = jax.jit(gpt2.predict)(params, task.X[1], task.y[1], task.x_query[1])
   np.testing.assert_allclose(np.asarray(one), batch[1], rtol=1e-5, atol=1e-6)
 
 
@@ -116,18 +128,23 @@ def test_causality(params, task, predict_jit, k):
   assert np.all(np.abs(pert[:, k + 1:] - base[:, k + 1:]) > 1e-6)
 
 
-def test_one_adam_step_lowers_loss(params, task):
+def test_one_adam_step_lowers_loss(params, task, predict_jit):
   opt = optax.adam(1e-3)
-  loss_fn = lambda p: gpt2.loss(p, task.X, task.y, task.x_query, task.y_query)
-  value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
-  l0, g = value_and_grad(params)
-  updates, _ = opt.update(g, opt.init(params), params)
-  l1, _ = value_and_grad(optax.apply_updates(params, updates))
+
+  @jax.jit
+  def step(p):
+    loss_fn = lambda p: gpt2.loss(p, task.X, task.y, task.x_query, task.y_query)
+    l0, g = jax.value_and_grad(loss_fn)(p)
+    updates, _ = opt.update(g, opt.init(p), p)
+    query_loss = gpt2.loss(p, task.X, task.y, task.x_query, task.y_query, prefix=False)
+    return l0, loss_fn(optax.apply_updates(p, updates)), query_loss
+
+  l0, l1, query_loss = step(params)
   assert np.isfinite(float(l0)) and float(l1) < float(l0)
   # The query-only loss is the last column of the prefix loss.
-  pred = gpt2.predict_batch(params, task.X, task.y, task.x_query)
-  q = gpt2.loss(params, task.X, task.y, task.x_query, task.y_query, prefix=False)
-  np.testing.assert_allclose(float(q), float(jnp.mean((pred[:, -1] - task.y_query) ** 2)), rtol=1e-5)
+  pred = predict_jit(params, task.X, task.y, task.x_query)
+  np.testing.assert_allclose(float(query_loss), float(jnp.mean((pred[:, -1] - task.y_query) ** 2)),
+                             rtol=1e-5)
 
 
 def test_bad_inputs(params, task):
@@ -145,8 +162,6 @@ def test_bad_inputs(params, task):
     gpt2.predict_batch(params, too_long, jnp.zeros((B, MAX_POINTS)), xq)
   with pytest.raises(ValueError, match="x_query: expected shape"):
     gpt2.predict(params, X[0], y[0], xq[0, :-1])
-  with pytest.raises(ValueError, match="num_heads"):
-    gpt2.predict_batch(params, X, y, xq, num_heads=3)
   with pytest.raises(ValueError, match="attention"):
     gpt2.predict_batch(params, X, y, xq, attention="flash")
   with pytest.raises(ValueError, match="width"):
@@ -172,7 +187,8 @@ def test_matches_hf_gpt2(params, task, predict_jit):
     model.wpe.weight.copy_(t(params["wpe"]))
     for i, h in enumerate(model.h):   # HF Conv1D stores weights as (in, out), like ours
       h.ln_1.weight.copy_(t(blk["ln1_g"][i])); h.ln_1.bias.copy_(t(blk["ln1_b"][i]))
-      h.attn.c_attn.weight.copy_(t(blk["qkv_w"][i])); h.attn.c_attn.bias.copy_(t(blk["qkv_b"][i]))
+      h.attn.c_attn.weight.copy_(t(blk["qkv_w"][i].reshape(W, 3 * W)))
+      h.attn.c_attn.bias.copy_(t(blk["qkv_b"][i].reshape(3 * W)))
       h.attn.c_proj.weight.copy_(t(blk["proj_w"][i])); h.attn.c_proj.bias.copy_(t(blk["proj_b"][i]))
       h.ln_2.weight.copy_(t(blk["ln2_g"][i])); h.ln_2.bias.copy_(t(blk["ln2_b"][i]))
       h.mlp.c_fc.weight.copy_(t(blk["fc_w"][i])); h.mlp.c_fc.bias.copy_(t(blk["fc_b"][i]))
@@ -183,3 +199,20 @@ def test_matches_hf_gpt2(params, task, predict_jit):
     ref = (hidden @ t(params["read_out"]["w"]) + t(params["read_out"]["b"]))[:, ::2].numpy()
   out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_harness_smoke():
+  # The benchmark CLI and report (benchmarks/run.py) without running a benchmark or torch.
+  from benchmarks import run
+  args = run.parse_args(["--quick", "--only=gpt2,lasso", "--batches=64,128"])
+  assert args.only == ["gpt2", "lasso"] and args.batches == [64, 128] and args.steps == 5
+  with pytest.raises(SystemExit):
+    run.parse_args(["--only=gpt3"])
+  env = {"date_utc": "today", "command": "python -m benchmarks.run --quick", "cpu": "cpu", "machine": "x86_64",
+         "cpu_count": 2, "jax_device": "cpu", "load_avg_start": 0.5, "jax": "0.x"}
+  rows = [{"bench": "gpt2", "impl": "l2o_jax", "batch": 64, "n": 10, "d": 20, "step_ms": 500.0, "traces": 1},
+          {"bench": "gpt2", "impl": "ratio (peer / l2o_jax step time)", "batch": 64, "ratio": 1.25},
+          {"bench": "lasso", "impl": "ratio (l2o_jax / sklearn tasks/s)", "ratio": 123.0, "max_abs_beta_diff": 1e-4}]
+  md = run.to_markdown(env, rows)
+  assert "| gpt2 | l2o_jax | 64 | 10 | 20 | 500 |" in md
+  assert "| 1.25 |" in md and "| 123 |" in md and "python -m benchmarks.run --quick" in md

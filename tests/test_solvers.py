@@ -130,3 +130,17 @@ def test_bad_input(instances, call, match):
   X, y = (a[0].astype(np.float32) for a in instances)
   with pytest.raises(ValueError, match=match):
     call(X, y)
+
+
+def test_lasso_batch_equals_vmapped_lasso():
+  t = L.sample_tasks(jax.random.key(4), 300, d=20, n=10, s=3)
+  info = L.lasso_batch(t.X, t.y, 0.1, first_round=20, chunk=64)
+  ref = jax.vmap(lambda X, y: L.lasso(X, y, 0.1, return_info=True))(t.X, t.y)
+  assert bool(jnp.all(info.converged)) and info.beta.shape == (300, 20)
+  # Same iterations from the same start: an instance stops at its first certified check either way.
+  np.testing.assert_array_equal(info.num_iters, ref.num_iters)
+  np.testing.assert_allclose(info.beta, ref.beta, atol=1e-6)
+  with pytest.raises(ValueError, match="X: expected a 3-D array"):
+    L.lasso_batch(t.X[0], t.y[0], 0.1)
+  with pytest.raises(ValueError, match="y: expected shape"):
+    L.lasso_batch(t.X, t.y[:5], 0.1)

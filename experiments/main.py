@@ -1,0 +1,45 @@
+"""Launcher: python -m experiments.main --config=experiments/configs/<name>.py --workdir=DIR
+
+Every config field can be overridden, e.g. --config.lista_train.steps=1000 --config.seeds=3.
+Relaunching with the same workdir resumes each job from its latest good checkpoint; SIGTERM or
+Ctrl-C saves a checkpoint and exits cleanly. See experiments/runner.py for the outputs.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/quick.py",
+                                          "Experiment config file (one get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (required): checkpoints, metrics, results.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    sys.exit("workdir: missing; pass --workdir=DIR (checkpoints, metrics and results go there)")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config = _CONFIG.value
+  from l2o_jax import distributed, train
+  from experiments import runner
+  try:
+    runner.validate(config)
+  except runner.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  distributed.initialize(config.multihost)
+  import jax
+  log = print if jax.process_index() == 0 else (lambda *_: None)
+  try:
+    out = runner.run(config, _WORKDIR.value, log=lambda m: log(m, flush=True))
+  except runner.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  except train.NonFiniteLossError as e:
+    sys.exit(f"training stopped: {e}")
+  if out is None:
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,316 @@
+"""Figures and tables from finished runs: python -m experiments.report WORKDIR [WORKDIR ...] [--out DIR]
+
+Reads each WORKDIR's config.json and per-job results.json (so a partly finished run still
+reports what it has), and writes into DIR (default: the first WORKDIR's report/):
+  fig1a.png, fig1b.png     prediction error per method (bars, log scale), converged LASSO and
+                           exhaustive-support oracle as reference lines (section 6, Figure 1a/b)
+  fig1c.png                Small TF read-outs vs prompt length n (Figure 1c)
+  fig2.png, fig3.png       test prediction error vs epoch of meta-trained LISTA(-CP) / LISTA-VM
+  layers.png               error vs depth K: constructed Transformer, LISTA-VM, ISTA, FISTA
+  prompt_length.png        prompt-length generalisation of the models that accept any n
+  results.md               every number above as markdown tables
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.runner import FIXED_X, Job, _ints, _split  # noqa: E402
+
+LABELS = {"lista": "LISTA", "lista_cp": "LISTA-CP", "alista": "ALISTA", "lista_meta": "LISTA (meta)",
+          "lista_cp_meta": "LISTA-CP (meta)", "lista_vm": "LISTA-VM", "lista_vm_ss": "LISTA-VM-SS",
+          "small_tf": "Small TF", "gpt2": "GPT-2", "ista": "ISTA", "fista": "FISTA",
+          "lasso": "LASSO (converged)", "oracle": "oracle"}
+READOUT_LABELS = {"linear": "Linear Readout", "query": "Query Readout", "query_dagger": "Query Readout†"}
+
+
+def load(workdir: str) -> dict:
+  """{"config", "jobs": {name: results}, "references": {...}, "classical_table"?} of one run."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"WORKDIR: {workdir} has no config.json (not a run directory)")
+  run = {"config": json.load(open(cfg_path)), "jobs": {}, "references": {}, "workdir": workdir}
+  summary = os.path.join(workdir, "results.json")
+  if os.path.exists(summary):
+    s = json.load(open(summary))
+    run["references"] = s.get("references", {})
+    run["classical_table"] = s.get("classical_table")
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name, "results.json")
+    if os.path.exists(path):
+      run["jobs"][name] = json.load(open(path))
+  return run
+
+
+def _job_name(cfg, method, support=None) -> str:
+  return Job(method, support=support, readout=cfg["tf"]["readout"] if method == "small_tf" else None).name
+
+
+def _mean(entry) -> float:
+  return entry["mean"] if isinstance(entry, dict) else float(entry)
+
+
+def _fmt(entry) -> str:
+  if entry is None:
+    return ""
+  if isinstance(entry, dict) and len(entry.get("per_seed", [])) > 1:
+    return f"{entry['mean']:.4g} ± {entry['std']:.2g}"
+  return f"{_mean(entry):.4g}"
+
+
+def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[str]] | None:
+  cfg = run["config"]
+  if study not in _split(cfg["studies"]):
+    return None
+  methods = _split(cfg[study]["methods"])
+  refs = run["references"].get(f"support{support}" if support else "none", {})
+  names, values, errs, colors, fixed, rows = [], [], [], [], [], []
+  for name, key in (("ista", "ista"), ("fista", "fista")):
+    if key in refs:
+      names.append(LABELS[name]); values.append(refs[key]); errs.append(0); colors.append("0.6")
+      fixed.append(None)
+      rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} | | |")
+  for m in methods:
+    job = run["jobs"].get(_job_name(cfg, m, support))
+    if job is None:
+      continue
+    names.append(LABELS.get(m, m))
+    values.append(_mean(job["pred_error"]))
+    errs.append(job["pred_error"].get("std", 0.0))
+    colors.append("tab:red" if m.endswith("_meta") else ("tab:blue" if m in FIXED_X else "tab:green"))
+    fixed.append(_mean(job["pred_error_fixed_x"]) if "pred_error_fixed_x" in job else None)
+    rows.append(f"| {LABELS.get(m, m)} | {_fmt(job['pred_error'])} | {_fmt(job.get('pred_error_fixed_x'))} "
+                f"| {job['steps']} x {len(job['seeds'])} seed(s) |")
+  if not names:
+    return None
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+  x = range(len(names))
+  ax.bar(x, values, yerr=errs, color=colors, capsize=3, label="test on varying X")
+  fx = [(i, v) for i, v in enumerate(fixed) if v is not None]
+  if fx:
+    ax.scatter([i for i, _ in fx], [v for _, v in fx], marker="*", s=120, color="k", zorder=3,
+               label="test on the training X (fixed)")
+  for key, style in (("lasso", "--"), ("oracle", ":")):
+    if key in refs:
+      ax.axhline(refs[key], ls=style, color="k", lw=1, label=f"{LABELS[key]} = {refs[key]:.3g}")
+      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | | |")
+  ax.set_xticks(list(x), names, rotation=30, ha="right")
+  ax.set_yscale("log")
+  ax.set_ylabel("prediction error  (y - ŷ)²")
+  title = "Figure 1a: S = 3" if support is None else f"Figure 1b: S = 3, support in first {support}"
+  ax.set_title(f"{title}  [{cfg['name']}]")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"{study}.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = [f"### {title}", "", "| method | prediction error (varying X) | fixed training X | training |",
+           "|---|---:|---:|---|", *rows, ""]
+  return path, table
+
+
+def fig1c(run, out_dir: str):
+  cfg = run["config"]
+  if "fig1c" not in _split(cfg["studies"]):
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  rows = []
+  for r in _split(cfg["fig1c"]["readouts"]):
+    job = run["jobs"].get(Job("small_tf", readout=r).name)
+    if job is None or "per_prompt_length" not in job:
+      continue
+    ppl = job["per_prompt_length"]
+    ns = sorted(int(n) for n in ppl)
+    ax.plot(ns, [_mean(ppl[str(n)]) for n in ns], marker="o", label=READOUT_LABELS[r])
+    rows.append(f"| {READOUT_LABELS[r]} | " + " | ".join(f"{_mean(ppl[str(n)]):.3g}" for n in ns) + " |")
+  if not rows:
+    plt.close(fig)
+    return None
+  ax.set_yscale("log")
+  ax.set_xlabel("prompt length n")
+  ax.set_ylabel("prediction error")
+  ax.set_title(f"Figure 1c: Small TF read-outs  [{cfg['name']}]")
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(out_dir, "fig1c.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = ["### Figure 1c: Small TF read-outs vs prompt length", "",
+           "| read-out | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
+  return path, table
+
+
+def curves(run, study: str, out_dir: str):
+  cfg = run["config"]
+  if study not in _split(cfg["studies"]):
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  rows = []
+  for m in _split(cfg[study]["methods"]):
+    job = run["jobs"].get(_job_name(cfg, m))
+    if job is None or not job.get("curve"):
+      continue
+    pts = job["curve"]
+    xs = [p["epoch"] if p.get("epoch") is not None else p["step"] for p in pts]
+    ys = [p["test_pred_error"] for p in pts]
+    line, = ax.plot(xs, ys, label=LABELS.get(m, m))
+    per_seed = [p["test_pred_error_per_seed"] for p in pts]
+    if per_seed and len(per_seed[0]) > 1:
+      ax.fill_between(xs, [min(v) for v in per_seed], [max(v) for v in per_seed], alpha=0.2,
+                      color=line.get_color())
+    rows.append(f"| {LABELS.get(m, m)} | {ys[0]:.4g} | {ys[-1]:.4g} | {min(ys):.4g} | {len(pts)} |")
+  if not rows:
+    plt.close(fig)
+    return None
+  ax.set_xlabel("epoch" if pts[0].get("epoch") is not None else "step")
+  ax.set_ylabel("test prediction error (varying X)")
+  ax.set_yscale("log")
+  name = "Figure 2: meta-trained LISTA / LISTA-CP" if study == "fig2" else "Figure 3: meta-trained LISTA-VM"
+  ax.set_title(f"{name}  [{cfg['name']}]")
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"{study}.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = [f"### {name}", "", "| method | first eval | last eval | best | evals |", "|---|---:|---:|---:|---:|",
+           *rows, ""]
+  return path, table
+
+
+def layers(run, out_dir: str):
+  cfg = run["config"]
+  if "layers" not in _split(cfg["studies"]):
+    return None
+  ks = _ints("layers.ks", cfg["layers"]["ks"])
+  refs = run["references"].get("none", {})
+  tf, vm, got = [], [], []
+  for k in ks:
+    job = run["jobs"].get(Job("lista_vm", num_layers=k).name)
+    if job is not None:
+      got.append(k)
+      tf.append(_mean(job["constructed_tf_pred_error"]))
+      vm.append(_mean(job["pred_error"]))
+  if not got:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(got, tf, marker="o", label="constructed Transformer (Thm 4.1)")
+  ax.plot(got, vm, marker="x", ls="--", label="LISTA-VM")
+  rows = []
+  for name in ("ista", "fista"):
+    per_k = refs.get(f"{name}_per_k", {})
+    if per_k:
+      ax.plot(got, [per_k[str(k)] for k in got], marker=".", label=f"{LABELS[name]} (lam={refs['lam']})")
+  for i, k in enumerate(got):
+    ista = refs.get("ista_per_k", {}).get(str(k))
+    fista = refs.get("fista_per_k", {}).get(str(k))
+    rows.append(f"| {k} | {tf[i]:.4g} | {vm[i]:.4g} | {'' if ista is None else f'{ista:.4g}'} | "
+                f"{'' if fista is None else f'{fista:.4g}'} |")
+  ax.set_yscale("log")
+  ax.set_xlabel("layers / iterations K")
+  ax.set_ylabel("prediction error")
+  ax.set_title(f"Theorem 5.1: error vs depth  [{cfg['name']}]")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "layers.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = ["### Error vs depth K (Theorem 5.1)", "",
+           "| K | constructed TF | LISTA-VM | ISTA | FISTA |", "|---:|---:|---:|---:|---:|", *rows, ""]
+  return path, table
+
+
+def prompt_length(run, out_dir: str):
+  cfg = run["config"]
+  refs = run["references"].get("none", {})
+  series = []
+  for name, job in sorted(run["jobs"].items()):
+    if job.get("support") or "-K" in name:  # support-prior and depth-study jobs have their own figures
+      continue
+    if "per_prompt_length" in job and (job["method"] != "small_tf" or job["readout"] == cfg["tf"]["readout"]):
+      ppl = job["per_prompt_length"]
+      series.append((LABELS.get(job["method"], job["method"]), {int(n): _mean(v) for n, v in ppl.items()}))
+  for name in ("ista", "fista", "lasso"):
+    if f"{name}_per_prompt_length" in refs:
+      series.append((LABELS[name], {int(n): v for n, v in refs[f"{name}_per_prompt_length"].items()}))
+  if not series:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ns = sorted(set().union(*[s.keys() for _, s in series]))
+  rows = []
+  for label, s in series:
+    xs = sorted(s)
+    ax.plot(xs, [s[n] for n in xs], marker="o", label=label, ls="-" if label not in LABELS.values()
+            or label in ("LISTA-VM", "Small TF", "GPT-2") else "--")
+    rows.append(f"| {label} | " + " | ".join(f"{s[n]:.3g}" if n in s else "" for n in ns) + " |")
+  ax.set_yscale("log")
+  ax.set_xlabel("prompt length n (demonstrations seen)")
+  ax.set_ylabel("prediction error")
+  ax.set_title(f"Prompt-length generalisation  [{cfg['name']}]")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "prompt_length.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = ["### Prediction error vs prompt length n (trained at N = " + str(cfg["problem"]["n"]) + ")", "",
+           "| method | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
+  return path, table
+
+
+def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], str]:
+  """Writes the figures and results.md; returns (figure paths, markdown path)."""
+  if not workdirs:
+    raise ValueError("WORKDIR: expected at least one run directory")
+  out_dir = out_dir or os.path.join(workdirs[0], "report")
+  os.makedirs(out_dir, exist_ok=True)
+  figures, md = [], ["# Results", ""]
+  for workdir in workdirs:
+    run = load(workdir)
+    cfg = run["config"]
+    md += [f"## Run `{cfg['name']}` ({workdir})", "",
+           f"d = {cfg['problem']['d']}, N = {cfg['problem']['n']}, S = {cfg['problem']['s']}, "
+           f"seeds = {cfg['seeds']}, prediction error = mean (y_query - ŷ_query)² over "
+           f"{cfg['eval']['num_tasks']} test tasks.", ""]
+    sub = out_dir if len(workdirs) == 1 else os.path.join(out_dir, os.path.basename(os.path.normpath(workdir)))
+    os.makedirs(sub, exist_ok=True)
+    parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),
+             fig1c(run, sub), curves(run, "fig2", sub), curves(run, "fig3", sub), layers(run, sub),
+             prompt_length(run, sub)]
+    for part in parts:
+      if part is not None:
+        path, table = part
+        figures.append(path)
+        md += table + [f"![]({os.path.relpath(path, out_dir)})", ""]
+    if run.get("classical_table"):
+      md += ["### Classical baselines", "", run["classical_table"], ""]
+  md_path = os.path.join(out_dir, "results.md")
+  with open(md_path, "w") as f:
+    f.write("\n".join(md))
+  return figures, md_path
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories of experiments.main")
+  parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/report)")
+  args = parser.parse_args(argv)
+  try:
+    figures, md_path = report(args.workdirs, args.out)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"report: {e}", file=sys.stderr)
+    return 2
+  print(open(md_path).read())
+  for path in figures:
+    print(f"figure: {path}")
+  print(f"table: {md_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

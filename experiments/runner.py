@@ -1,0 +1,513 @@
+"""What `experiments.main` runs: config validation, the training jobs of each study, evaluation
+and the per-run outputs.
+
+A config names studies (fig1a, fig1b, fig1c, fig2, fig3, layers, classical). Each study needs
+some trained models ("jobs"); a job trained for one study is reused by the others (e.g. the
+meta-trained LISTA of Figure 1a is also Figure 2's curve). Per job, in WORKDIR/<job>/:
+  checkpoints/      Orbax checkpoints (relaunching resumes from the latest good one)
+  metrics.jsonl     train loss and test error at every evaluation (one JSON object a line)
+  events.out.tfevents.*  the same scalars for TensorBoard
+  results.json      final numbers (mean, std and per-seed values over the trained seeds)
+and WORKDIR/config.json (the resolved config), WORKDIR/results.json (every job and reference),
+WORKDIR/classical.{json,md}.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import l2o_jax as L
+from l2o_jax import checkpoint as ckpt_lib
+from l2o_jax import distributed, lista, train
+from experiments import writers
+
+STUDIES = ("fig1a", "fig1b", "fig1c", "fig2", "fig3", "layers", "classical")
+LISTA_METHODS = ("lista", "lista_cp", "alista", "lista_meta", "lista_cp_meta", "lista_vm", "lista_vm_ss")
+TF_METHODS = ("small_tf", "gpt2")
+METHODS = LISTA_METHODS + TF_METHODS
+READOUTS = ("linear", "query", "query_dagger")
+FIXED_X = ("lista", "lista_cp", "alista")          # trained on one fixed X (classical L2O)
+# Config fields that may change between launches on the same workdir (they do not change results).
+RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name")
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field and the allowed values."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _split(value) -> list[str]:
+  return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _ints(field: str, value) -> list[int]:
+  try:
+    return [int(v) for v in _split(value)]
+  except ValueError:
+    raise ConfigError(f"{field}: expected comma-separated integers, got {value!r}") from None
+
+
+def _positive(field: str, value, minimum: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _choices(field: str, values: list[str], allowed) -> None:
+  for v in values:
+    if v not in allowed:
+      raise ConfigError(f"{field}: unknown name {v!r}; allowed: {', '.join(allowed)}")
+
+
+def _multiple(field: str, value: int, of_field: str, of: int) -> None:
+  if value % of:
+    raise ConfigError(f"{field}: expected a multiple of {of_field}={of}, got {value}")
+
+
+def validate(c) -> None:
+  """Raises ConfigError (naming the field and what is allowed) for a config that cannot work."""
+  studies = _split(c.studies)
+  if not studies:
+    raise ConfigError(f"studies: expected at least one of {', '.join(STUDIES)}, got {c.studies!r}")
+  _choices("studies", studies, STUDIES)
+  p = c.problem
+  for f in ("d", "n", "s"):
+    _positive(f"problem.{f}", p[f])
+  if p.s > p.d:
+    raise ConfigError(f"problem.s: expected s <= problem.d={p.d} (at most d nonzeros), got {p.s}")
+  if not p.noise_std >= 0:
+    raise ConfigError(f"problem.noise_std: expected >= 0, got {p.noise_std}")
+  _positive("seeds", c.seeds)
+  for study in ("fig1a", "fig1b", "fig2", "fig3"):
+    _choices(f"{study}.methods", _split(c[study].methods), METHODS)
+  _positive("fig1b.support", c.fig1b.support)
+  if not p.s <= c.fig1b.support <= p.d:
+    raise ConfigError(f"fig1b.support: expected problem.s={p.s} <= support <= problem.d={p.d}, "
+                      f"got {c.fig1b.support}")
+  _choices("fig1c.readouts", _split(c.fig1c.readouts), READOUTS)
+  _choices("tf.readout", [c.tf.readout], READOUTS)
+  ks = _ints("layers.ks", c.layers.ks)
+  if "layers" in studies and not ks:
+    raise ConfigError("layers.ks: expected at least one depth K >= 1, got none")
+  for k in ks:
+    _positive("layers.ks", k)
+  _positive("layers.steps", c.layers.steps, 0)
+  _positive("lista.num_layers", c.lista.num_layers)
+  lt = c.lista_train
+  for f in ("steps", "batch", "matrices_per_batch", "steps_per_epoch", "steps_per_call", "checkpoint_every"):
+    _positive(f"lista_train.{f}", lt[f])
+  _multiple("lista_train.batch", lt.batch, "lista_train.matrices_per_batch", lt.matrices_per_batch)
+  _multiple("lista_train.steps_per_epoch", lt.steps_per_epoch, "lista_train.steps_per_call", lt.steps_per_call)
+  _multiple("lista_train.checkpoint_every", lt.checkpoint_every, "lista_train.steps_per_call", lt.steps_per_call)
+  tt = c.tf_train
+  for f in ("steps", "batch", "eval_every", "steps_per_call", "checkpoint_every"):
+    _positive(f"tf_train.{f}", tt[f])
+  _positive("tf_train.warmup_steps", tt.warmup_steps, 0)
+  _multiple("tf_train.eval_every", tt.eval_every, "tf_train.steps_per_call", tt.steps_per_call)
+  _multiple("tf_train.checkpoint_every", tt.checkpoint_every, "tf_train.steps_per_call", tt.steps_per_call)
+  method_learning_rates(lt.method_learning_rates)
+  for f in ("lista_train.learning_rate", "tf_train.learning_rate"):
+    sec, name = f.split(".")
+    if not c[sec][name] > 0:
+      raise ConfigError(f"{f}: expected > 0, got {c[sec][name]}")
+  for f in ("small_tf_layers", "small_tf_heads", "gpt2_layers", "gpt2_width", "gpt2_heads"):
+    _positive(f"tf.{f}", c.tf[f])
+  if c.tf.gpt2_width % c.tf.gpt2_heads:
+    raise ConfigError(f"tf.gpt2_width: expected a multiple of tf.gpt2_heads={c.tf.gpt2_heads}, "
+                      f"got {c.tf.gpt2_width}")
+  if c.tf.loss_on not in ("query", "all"):
+    raise ConfigError(f"tf.loss_on: unknown name {c.tf.loss_on!r}; allowed: query, all")
+  for f in ("num_tasks", "curve_tasks", "iters"):
+    _positive(f"eval.{f}", c.eval[f])
+  for n in _ints("eval.prompt_lengths", c.eval.prompt_lengths):
+    if not 1 <= n <= p.n:
+      raise ConfigError(f"eval.prompt_lengths: expected values in [1, problem.n={p.n}], got {n}")
+  _positive("checkpoint.keep", c.checkpoint.keep)
+  devices = jax.device_count()
+  if devices > 1:
+    for f in ("lista_train.batch", "tf_train.batch"):
+      sec, name = f.split(".")
+      _multiple(f, c[sec][name], "the device count", devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs.
+
+
+class Job:
+  """One trained model: a method, a support prior, a Small TF read-out or a LISTA depth K."""
+
+  def __init__(self, method: str, *, support=None, readout: str | None = None, num_layers: int | None = None):
+    self.method, self.support, self.readout, self.num_layers = method, support, readout, num_layers
+    name = method
+    if support:
+      name += f"-support{support}"
+    if readout is not None and method == "small_tf":
+      name += f"-{readout}"
+    if num_layers is not None:
+      name += f"-K{num_layers}"
+    self.name = name
+
+  @property
+  def family(self) -> str:
+    return "tf" if self.method in TF_METHODS else "lista"
+
+  @property
+  def lista_method(self) -> str:
+    return self.method.replace("_meta", "")
+
+  @property
+  def protocol(self) -> str:
+    return "fixed" if self.method in FIXED_X else "meta"
+
+
+def plan_jobs(c) -> list[Job]:
+  """The distinct jobs the config's studies need, in a stable order."""
+  studies = _split(c.studies)
+  jobs: dict[str, Job] = {}
+
+  def add(job):
+    jobs.setdefault(job.name, job)
+
+  def method_job(m, support=None):
+    return Job(m, support=support, readout=c.tf.readout if m == "small_tf" else None)
+
+  for study, support in (("fig1a", None), ("fig1b", c.fig1b.support)):
+    if study in studies:
+      for m in _split(c[study].methods):
+        add(method_job(m, support))
+  if "fig1c" in studies:
+    for r in _split(c.fig1c.readouts):
+      add(Job("small_tf", readout=r))
+  for study in ("fig2", "fig3"):
+    if study in studies:
+      for m in _split(c[study].methods):
+        add(method_job(m))
+  if "layers" in studies:
+    for k in _ints("layers.ks", c.layers.ks):
+      add(Job("lista_vm", num_layers=k))
+  return list(jobs.values())
+
+
+def method_learning_rates(spec: str) -> dict[str, float]:
+  """Parses "lista_vm=1e-2,alista=1e-2" (per-method Adam learning rates of the LISTA family)."""
+  out = {}
+  for item in _split(spec):
+    name, sep, value = item.partition("=")
+    try:
+      lr = float(value)
+    except ValueError:
+      lr = -1.0
+    if not sep or name not in lista.METHODS or not lr > 0:
+      raise ConfigError(f"lista_train.method_learning_rates: expected comma-separated METHOD=LR with METHOD "
+                        f"in {lista.METHODS} and LR > 0, got {item!r}")
+    out[name] = lr
+  return out
+
+
+def fixed_X(c) -> jax.Array:
+  """The one measurement matrix of the classical LISTA protocol (shared by all seeds)."""
+  return jax.random.normal(jax.random.fold_in(jax.random.key(c.seed), 7), (c.problem.n, c.problem.d))
+
+
+def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, int]:
+  """(objective, optimizer, steps, steps_per_call, eval_every, checkpoint_every) of a job."""
+  p = c.problem
+  if job.family == "lista":
+    lt = c.lista_train
+    steps = lt.steps if job.num_layers is None else c.layers.steps
+    batch, matrices = lt.batch, lt.matrices_per_batch
+    objective = lista.make_objective(
+        job.lista_method, protocol=job.protocol, d=p.d, n=p.n, s=p.s, support=job.support,
+        num_layers=job.num_layers or c.lista.num_layers, batch=batch,
+        matrices_per_batch=None if job.protocol == "fixed" else matrices,
+        X_fixed=fixed_X(c) if job.protocol == "fixed" else None, lam=c.lista.lam)
+    lr = method_learning_rates(lt.method_learning_rates).get(job.lista_method, lt.learning_rate)
+    optimizer = train.make_optimizer(lr, clip_norm=lt.clip_norm or None,
+                                     decay_steps=steps if lt.cosine_decay else None,
+                                     end_lr_factor=lt.end_lr_factor)
+    return objective, optimizer, steps, lt.steps_per_call, lt.steps_per_epoch, lt.checkpoint_every
+  from l2o_jax import transformer
+  tt = c.tf_train
+  if job.method == "small_tf":
+    kw = dict(num_layers=c.tf.small_tf_layers, num_heads=c.tf.small_tf_heads)
+  else:
+    kw = dict(num_layers=c.tf.gpt2_layers, width=c.tf.gpt2_width, num_heads=c.tf.gpt2_heads)
+  objective = transformer.make_objective(
+      job.method, d=p.d, n=p.n, s=p.s, support=job.support, batch=tt.batch,
+      readout=job.readout or "query", loss_on=c.tf.loss_on, noise_std=p.noise_std, **kw)
+  optimizer = train.make_optimizer(
+      tt.learning_rate, clip_norm=tt.clip_norm or None, warmup_steps=tt.warmup_steps,
+      decay_steps=tt.steps if tt.cosine_decay else None, end_lr_factor=tt.end_lr_factor)
+  return objective, optimizer, tt.steps, tt.steps_per_call, tt.eval_every, tt.checkpoint_every
+
+
+def test_tasks(c, num_tasks: int, *, support=None, X=None, salt: int = 0) -> L.Task:
+  """A fixed test set: fresh instances (varying X by default) from the eval seed."""
+  p = c.problem
+  key = jax.random.fold_in(jax.random.key(c.eval.seed), salt)
+  return L.sample_tasks(key, num_tasks, d=p.d, n=p.n, s=p.s, support=support,
+                        noise_std=p.noise_std, X=X)
+
+
+def _seed_params(params, i: int):
+  return jax.tree_util.tree_map(lambda x: x[i], params)
+
+
+def _lengths(c) -> list[int]:
+  return _ints("eval.prompt_lengths", c.eval.prompt_lengths) or list(range(1, c.problem.n + 1))
+
+
+def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=None) -> dict:
+  """Test numbers of one seed's parameters on `task` (and on `fixed_task` for fixed-X methods)."""
+  if job.family == "tf":
+    from l2o_jax import transformer
+    ev = transformer.evaluate(job.method, params_i, task)
+    out = {"pred_error": ev["pred_error"]}
+    if full:
+      out["per_prompt_length"] = {int(n): float(v) for n, v in ev["per_prompt_length"].items()
+                                  if int(n) in _lengths(c)}
+    return out
+  support = job.support if job.lista_method == "lista_vm_ss" else None
+  ev = lista.evaluate(job.lista_method, params_i, task, support=support)
+  out = {"pred_error": ev["pred_error"]}
+  if not full:
+    return out
+  out["per_layer"] = ev["per_layer"]
+  out["beta_nmse_db"] = ev["beta_nmse_db"]
+  if fixed_task is not None:
+    out["pred_error_fixed_x"] = lista.evaluate(job.lista_method, params_i, fixed_task)["pred_error"]
+  if job.lista_method in ("lista_vm", "lista_vm_ss"):
+    # LISTA-VM's weights do not depend on n (eq. 4.4), so it runs on any prompt length.
+    est = jax.jit(jax.vmap(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support)))
+    out["per_prompt_length"] = L.per_prompt_length(est, task, _lengths(c))
+  if job.num_layers is not None:
+    from l2o_jax import transformer
+    # Theorem 4.1: the explicitly constructed Transformer runs these LISTA-VM weights.
+    # LISTA-VM uses max(theta, 0) (lista.py stores raw thresholds); the construction wants theta >= 0.
+    vm = {"M": params_i["M"], "theta": jnp.maximum(params_i["theta"], 0.0)}
+    tf_params = transformer.small_tf_from_construction(vm, jnp.float32(c.layers.bound), readout="query_dagger")
+    out["constructed_tf_pred_error"] = transformer.evaluate("small_tf", tf_params, task)["pred_error"]
+  return out
+
+
+def _stats(values: list[float]) -> dict:
+  arr = np.asarray(values, np.float64)
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+          "per_seed": [float(v) for v in arr]}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+  """Mean / std / per-seed values of every number (lists and {n: value} dicts element-wise)."""
+  out = {}
+  for key, first in per_seed[0].items():
+    if isinstance(first, dict):
+      out[key] = {str(k): _stats([r[key][k] for r in per_seed]) for k in first}
+    elif isinstance(first, list):
+      out[key] = [_stats([r[key][i] for r in per_seed]) for i in range(len(first))]
+    else:
+      out[key] = _stats([r[key] for r in per_seed])
+  return out
+
+
+def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: Callable[[str], None]) -> dict | None:
+  """Trains (or resumes) one job and writes its outputs; None when interrupted by a signal."""
+  jobdir = os.path.join(workdir, job.name)
+  results_path = os.path.join(jobdir, "results.json")
+  objective, optimizer, steps, spc, eval_every, ckpt_every = make_objective(c, job)
+  if os.path.exists(results_path):
+    done = json.load(open(results_path))
+    if done.get("steps") == steps:
+      log(f"[{job.name}] already done ({steps} steps); results in {results_path}")
+      return done
+  os.makedirs(jobdir, exist_ok=True)
+  if mesh.devices.size > 1:
+    objective = distributed.data_parallel(objective, mesh)
+  seeds = [c.seed + i for i in range(c.seeds)]
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(jobdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
+  chief = jax.process_index() == 0  # multi-host: one process writes the logs
+  metrics_path = os.path.join(jobdir, "metrics.jsonl")
+  events = writers.EventWriter(jobdir) if chief else None
+  metrics_log = None
+  curve_task = test_tasks(c, c.eval.curve_tasks, support=job.support, salt=1)
+  batch = c.lista_train.batch if job.family == "lista" else c.tf_train.batch
+  t_start = time.time()
+
+  def on_chunk(step, state, metrics):
+    nonlocal metrics_log
+    if metrics_log is None and chief:
+      # Opened at the first evaluation: a resumed run drops the lines of the steps it recomputes.
+      metrics_log = writers.JsonlWriter(metrics_path, truncate_after_step=step - 1)
+    errs = [evaluate_job(c, job, _seed_params(state.params, i), curve_task, full=False)["pred_error"]
+            for i in range(len(seeds))]
+    loss = np.asarray(metrics["loss"]).mean(axis=-1)
+    record = {"step": step, "epoch": step / eval_every if job.family == "lista" else None,
+              "train_loss": float(loss.mean()), "train_loss_per_seed": loss.tolist(),
+              "test_pred_error": float(np.mean(errs)), "test_pred_error_per_seed": errs,
+              "time_s": time.time() - t_start}
+    if not chief:
+      return
+    metrics_log.write(record)
+    scalars = {"train/loss": record["train_loss"], "test/pred_error": record["test_pred_error"]}
+    scalars.update({f"test/pred_error_seed{s}": e for s, e in zip(seeds, errs)})
+    events.scalars(step, scalars)
+
+  log(f"[{job.name}] training {steps} steps x {batch} instances, seeds {seeds}"
+      + (f", {mesh.devices.size} devices" if mesh.devices.size > 1 else ""))
+  try:
+    result = train.fit(
+        objective, optimizer, steps, seeds=seeds, steps_per_call=min(spc, steps),
+        checkpointer=checkpointer, checkpoint_every=ckpt_every, eval_every=eval_every,
+        place=(lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None,
+        on_chunk=on_chunk, should_stop=stop, instances_per_step=batch,
+        log_every_s=c.log_every_s, log_fn=lambda m: log(f"[{job.name}] {m}"))
+  finally:
+    for w in (metrics_log, events):
+      if w is not None:
+        w.close()
+    checkpointer.close()
+  if result.interrupted:
+    return None
+  task = test_tasks(c, c.eval.num_tasks, support=job.support, salt=2)
+  fixed_task = (test_tasks(c, c.eval.num_tasks, support=job.support, X=fixed_X(c), salt=3)
+                if job.method in FIXED_X else None)
+  per_seed = [evaluate_job(c, job, _seed_params(result.state.params, i), task, full=True,
+                           fixed_task=fixed_task) for i in range(len(seeds))]
+  out = {"job": job.name, "method": job.method, "support": job.support, "readout": job.readout,
+         "num_layers": job.num_layers or (c.lista.num_layers if job.family == "lista" else None),
+         "family": job.family, "protocol": job.protocol if job.family == "lista" else None,
+         "steps": steps, "seeds": seeds, "steps_per_epoch": eval_every if job.family == "lista" else None,
+         "curve": writers.read_jsonl(metrics_path) if os.path.exists(metrics_path) else [],
+         **aggregate(per_seed)}
+  if chief:
+    writers.write_json(results_path, out)
+  log(f"[{job.name}] test prediction error {out['pred_error']['mean']:.4g}"
+      + (f" +- {out['pred_error']['std']:.2g}" if len(seeds) > 1 else "")
+      + (f" (fixed X: {out['pred_error_fixed_x']['mean']:.4g})" if "pred_error_fixed_x" in out else ""))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# References (no training): ISTA / FISTA / LASSO / oracle, and the classical table.
+
+
+def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict:
+  """ISTA, FISTA (K = eval.iters, or every K in `ks`), converged LASSO and the oracle."""
+  p, lam = c.problem, c.eval.lam
+  task = test_tasks(c, c.eval.num_tasks, support=support, salt=2)
+  err = lambda beta: float(L.prediction_error(task.y_query, task.x_query, beta))
+  out = {}
+  K = max([c.eval.iters] + list(ks or []))
+  for name, solver in (("ista", L.ista), ("fista", L.fista)):
+    traj = jax.jit(jax.vmap(lambda X, y: solver(X, y, lam, K, return_trajectory=True)))(task.X, task.y)
+    errs = np.asarray(jnp.mean((task.y_query[:, None] - jnp.einsum("bd,bkd->bk", task.x_query, traj)) ** 2, 0))
+    out[name] = float(errs[c.eval.iters - 1])
+    out[f"{name}_per_k"] = {int(k): float(errs[k - 1]) for k in (ks or [])}
+  out["lasso"] = err(jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y))
+  out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
+  if prompt_lengths:
+    for name, solver in (("ista", lambda X, y: L.ista(X, y, lam, c.eval.iters)),
+                         ("fista", lambda X, y: L.fista(X, y, lam, c.eval.iters)),
+                         ("lasso", lambda X, y: L.lasso(X, y, lam))):
+      out[f"{name}_per_prompt_length"] = _per_prompt_length_masked(solver, task, _lengths(c))
+  out["lam"], out["iters"] = lam, c.eval.iters
+  return out
+
+
+def _per_prompt_length_masked(solver, task: L.Task, lengths) -> dict[int, float]:
+  """`metrics.per_prompt_length` for solvers of (1/2)||y - X b||^2 + lam ||b||_1 in ONE compile.
+
+  Zeroing demonstrations n+1..N leaves X^T X, X^T y and the Lipschitz constant unchanged, so
+  ISTA / FISTA / LASSO on the zero-padded prompt equal the same solvers on the first n rows.
+  """
+  @jax.jit
+  def err(n):
+    keep = (jnp.arange(task.X.shape[1]) < n).astype(task.X.dtype)
+    beta = jax.vmap(solver)(task.X * keep[None, :, None], task.y * keep[None, :])
+    return L.prediction_error(task.y_query, task.x_query, beta)
+
+  return {int(n): float(err(n)) for n in lengths}
+
+
+def classical(c, workdir: str, log) -> str:
+  from experiments import classical as classical_lib
+  lams = [float(v) for v in _split(c.eval.classical_lams)]
+  rows = classical_lib.classical_rows(seed=c.eval.seed, num_tasks=c.eval.num_tasks, lams=lams,
+                                      num_iters=c.eval.iters, d=c.problem.d, n=c.problem.n, s=c.problem.s)
+  table = classical_lib.format_table(rows, num_iters=c.eval.iters)
+  writers.write_json(os.path.join(workdir, "classical.json"), rows)
+  with open(os.path.join(workdir, "classical.md"), "w") as f:
+    f.write(table + "\n")
+  log(f"classical table (prediction error, {c.eval.num_tasks} fresh tasks, d={c.problem.d}, "
+      f"N={c.problem.n}, S={c.problem.s}):\n{table}")
+  return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def check_workdir(c, workdir: str, log) -> None:
+  """Writes the resolved config; a relaunch must use the same config (bar RELAUNCH_MAY_CHANGE)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(c.to_json())
+  if os.path.exists(path):
+    old = json.load(open(path))
+    diff = sorted(k for k in set(_flat(old)) | set(_flat(new))
+                  if _flat(old).get(k) != _flat(new).get(k) and k not in RELAUNCH_MAY_CHANGE)
+    if diff:
+      raise ConfigError(
+          f"workdir: {workdir} holds a run with a different config (fields {', '.join(diff)}); its "
+          "checkpoints and results would not match. Use a new --workdir (or the old config).")
+    if old != new:
+      os.replace(path, os.path.join(workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}.json"))
+  writers.write_json(path, new)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run(c, workdir: str, *, log: Callable[[str], None] = print) -> dict | None:
+  """Runs every study of config `c` in `workdir`; returns the aggregated results (None if stopped)."""
+  validate(c)
+  check_workdir(c, workdir, log)
+  studies = _split(c.studies)
+  mesh = distributed.data_mesh()
+  results: dict[str, Any] = {"config": c.name, "studies": studies, "jobs": {}, "references": {}}
+  t0 = time.time()
+  with train.StopOnSignal() as stop:
+    for job in plan_jobs(c):
+      out = run_job(c, job, workdir, mesh=mesh, stop=stop, log=log)
+      if out is None:
+        log(f"stopped by signal {stop.signum}; checkpoints saved; relaunch the same command to resume")
+        return None
+      results["jobs"][job.name] = out
+  ks = _ints("layers.ks", c.layers.ks) if "layers" in studies else None
+  if "fig1a" in studies or "layers" in studies:  # the figures that draw reference lines
+    results["references"]["none"] = references(c, ks=ks)
+  if "fig1b" in studies:
+    results["references"][f"support{c.fig1b.support}"] = references(c, support=c.fig1b.support,
+                                                                     prompt_lengths=False)
+  if "classical" in studies:
+    results["classical_table"] = classical(c, workdir, log)
+  results["wall_time_s"] = time.time() - t0
+  writers.write_json(os.path.join(workdir, "results.json"), results)
+  log(f"done in {time.time() - t0:.0f}s; results in {os.path.join(workdir, 'results.json')}")
+  return results

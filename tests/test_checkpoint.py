@@ -1,0 +1,170 @@
+"""Checkpoints: SIGKILL + relaunch == uninterrupted (bitwise), corrupt-latest fallback, leftover
+partial saves, non-finite stop keeping the last good checkpoint.
+
+The training runs use a tiny least-squares objective on `sample_tasks` data (one fast compile);
+the machinery under test (train.fit + checkpoint.Checkpointer) is model-agnostic. Run as a
+script (`python tests/test_checkpoint.py WORKDIR [KILL_AT]`) this file is the worker that the
+SIGKILL test launches in a subprocess.
+"""
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2o_jax import checkpoint, train
+
+STEPS, SPC, EVERY = 40, 5, 10
+
+
+def toy_objective():
+  """Least squares on fresh Gaussian data drawn from the step's key (a fast compile)."""
+  def init(key):
+    return {"w": 0.1 * jax.random.normal(key, (6,)), "b": jnp.zeros(())}
+
+  def sample(key):
+    X = jax.random.normal(key, (16, 6))
+    return X, X @ jnp.arange(6.0) + 1.0
+
+  def loss(params, batch):
+    X, y = batch
+    return jnp.mean((y - X @ params["w"] - params["b"]) ** 2)
+
+  return train.Objective(init, sample, loss)
+
+
+OPT = train.make_optimizer(1e-2)
+OBJ = toy_objective()  # one object, so every fit below reuses one compiled chunk
+
+
+def run_fit(workdir=None, num_steps=STEPS, on_chunk=None, **kw):
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3) if workdir else None
+  try:
+    return train.fit(OBJ, OPT, num_steps, seeds=(0,), steps_per_call=SPC, checkpointer=ckpt,
+                     checkpoint_every=EVERY, eval_every=SPC, on_chunk=on_chunk, log_fn=None, **kw)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)] + [
+      np.asarray(x) for x in jax.tree_util.tree_leaves(state.opt_state)]
+
+
+def assert_bitwise(a, b):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return run_fit().state
+
+
+def _worker(workdir, kill_at):
+  def on_chunk(step, state, metrics):
+    if step == kill_at:  # after the chunk, before its checkpoint: the hardest place to die
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  state = run_fit(os.path.join(workdir, "ckpt"), on_chunk=on_chunk).state
+  np.savez(os.path.join(workdir, "final.npz"), *_leaves(state))
+
+
+def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, reference):
+  # The relaunch reuses the killed run's compiled chunk from the persistent compilation cache.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  cmd = [sys.executable, os.path.abspath(__file__), str(tmp_path)]
+  killed = subprocess.run(cmd + ["30"], env=env, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 20  # step 30 was never saved
+  resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  final = np.load(tmp_path / "final.npz")
+  ref = _leaves(reference)
+  assert len(final.files) == len(ref)
+  for i, r in enumerate(ref):
+    np.testing.assert_array_equal(final[f"arr_{i}"], r)
+
+
+def test_resume_in_process_and_chunk_grid(tmp_path, reference):
+  first = run_fit(tmp_path, num_steps=25)  # stops off the checkpoint grid: 25 is saved as the end
+  assert checkpoint.Checkpointer(tmp_path).steps() == [10, 20, 25]
+  second = run_fit(tmp_path)
+  assert second.resumed_from == 25 and first.resumed_from == 0
+  assert_bitwise(second.state, reference)
+  assert train.chunk_boundaries(25, 40, 5, 10) == [30, 35, 40]
+  assert train.chunk_boundaries(0, 12, 5, 4) == [4, 5, 8, 10, 12]
+
+
+def test_corrupt_latest_falls_back_to_previous(tmp_path, reference):
+  run_fit(tmp_path, num_steps=30)
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  assert ckpt.steps() == [10, 20, 30]
+  # Damage every data file of the latest step (as a disk error or a truncated copy would).
+  for root, _, files in os.walk(tmp_path / "30" / "default"):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  like = train.init_states(OBJ, OPT, (0,))
+  with pytest.warns(RuntimeWarning, match="step 30 .* could not be restored"):
+    state, step = ckpt.restore_latest(like)
+  assert step == 20 and int(state.step[0]) == 20
+  moved = [p for p in os.listdir(tmp_path) if p.startswith("corrupt-30-")]
+  assert len(moved) == 1 and ckpt.steps() == [10, 20]  # kept aside, not deleted
+  ckpt.close()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # nothing left to warn about
+    final = run_fit(tmp_path)
+  assert final.resumed_from == 20
+  assert_bitwise(final.state, reference)
+
+
+def test_partial_save_leftover_is_ignored(tmp_path, reference):
+  run_fit(tmp_path, num_steps=20)
+  # What a kill in the middle of an Orbax save leaves: an uncommitted temporary directory.
+  partial = tmp_path / "30.orbax-checkpoint-tmp-123"
+  partial.mkdir()
+  (partial / "junk").write_bytes(b"\0" * 10)
+  final = run_fit(tmp_path)
+  assert final.resumed_from == 20
+  assert_bitwise(final.state, reference)
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+  like = train.init_states(OBJ, OPT, (0,))
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(like)
+  with pytest.raises(FileExistsError, match="step 0 already exists"):
+    ckpt.save(like)
+  restored, step = ckpt.restore_latest(like)
+  assert step == 0 and jax.random.key_impl(restored.key) == jax.random.key_impl(like.key)
+  np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(like.key))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  # A constant gradient -1 moves w by exactly lr = 1 per Adam step; the 0 * sqrt(8.5 - w) term
+  # turns the loss NaN once w > 8.5, i.e. at step 9 -- after the checkpoint of step 5.
+  objective = train.Objective(lambda key: {"w": jnp.zeros(())}, lambda key: jnp.zeros(()),
+                              lambda p, batch: -p["w"] + 0.0 * jnp.sqrt(8.5 - p["w"]) + batch)
+  opt = train.make_optimizer(1.0, clip_norm=None)
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 9 .*last good checkpoint is step 5") as err:
+    train.fit(objective, opt, 20, steps_per_call=5, checkpointer=ckpt, checkpoint_every=5, log_fn=None)
+  assert err.value.step == 9
+  assert ckpt.steps() == [5]
+  like = train.init_states(objective, opt, (0,))
+  state, step = ckpt.restore_latest(like)
+  direct = train.fit(objective, opt, 5, steps_per_call=5, log_fn=None).state
+  assert step == 5
+  assert_bitwise(state, direct)
+  assert np.isfinite(np.asarray(state.params["w"])).all()
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else -1)

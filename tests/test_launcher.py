@@ -1,0 +1,185 @@
+"""The launcher: config validation, the absl entry point, SIGTERM = save and exit cleanly, and a
+tiny end-to-end run (outputs, resume-skips-finished-jobs, config-change guard, report)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import report, runner, writers
+from experiments.configs import quick
+from l2o_jax import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, SPC = 40, 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fig1a.methods": "lista,transformer"}, r"fig1a.methods: unknown name 'transformer'; allowed: lista, lista_cp"),
+    ({"studies": "fig1a,fig9"}, r"studies: unknown name 'fig9'; allowed: fig1a, fig1b"),
+    ({"problem.d": 2}, r"problem.s: expected s <= problem.d=2"),
+    ({"lista_train.steps": 0}, r"lista_train.steps: expected an integer >= 1, got 0"),
+    ({"tf_train.batch": -4}, r"tf_train.batch: expected an integer >= 1, got -4"),
+    ({"fig1c.readouts": "query,softmax"}, r"fig1c.readouts: unknown name 'softmax'; allowed: linear, query, query_dagger"),
+    ({"lista_train.steps_per_epoch": 7}, r"lista_train.steps_per_epoch: expected a multiple of lista_train.steps_per_call=20"),
+    ({"seeds": 0}, r"seeds: expected an integer >= 1"),
+    ({"fig1b.support": 30}, r"fig1b.support: expected problem.s=3 <= support <= problem.d=20"),
+])
+def test_config_validation_names_field_and_allowed_values(overrides, message):
+  c = quick.get_config()
+  runner.validate(c)  # the shipped config is valid
+  for field, value in overrides.items():
+    section, _, name = field.rpartition(".")
+    (c[section] if section else c)[name] = value
+  with pytest.raises(runner.ConfigError, match=message):
+    runner.validate(c)
+
+
+def test_main_stops_on_missing_workdir_and_bad_config():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/quick.py"]
+  missing = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert missing.returncode != 0 and "workdir: missing" in missing.stderr
+  bad = subprocess.run(base + ["--workdir=/nonexistent/never-created", "--config.tf.loss_on=both"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0
+  assert "tf.loss_on: unknown name 'both'; allowed: query, all" in bad.stderr
+  assert not os.path.exists("/nonexistent/never-created")
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: the worker (this file run as a script) trains with a StopOnSignal flag.
+
+
+def toy_objective():
+  def init(key):
+    return {"w": 0.1 * jax.random.normal(key, (6,))}
+
+  def sample(key):
+    X = jax.random.normal(key, (16, 6))
+    return X, X @ jnp.arange(6.0)
+
+  return train.Objective(init, sample, lambda p, b: jnp.mean((b[1] - b[0] @ p["w"]) ** 2))
+
+
+OBJ, OPT = toy_objective(), train.make_optimizer(1e-2)
+
+
+def _worker(workdir):
+  import time
+
+  def on_chunk(step, state, metrics):
+    print(f"STEP {step}", flush=True)
+    if step == SPC:
+      time.sleep(3.0)  # the parent signals now, mid-run
+
+  ckpt = checkpoint.Checkpointer(workdir)
+  with train.StopOnSignal() as stop:
+    result = train.fit(OBJ, OPT, STEPS, steps_per_call=SPC, checkpointer=ckpt, checkpoint_every=1000,
+                       eval_every=SPC, on_chunk=on_chunk, should_stop=stop, log_fn=None)
+  print(f"INTERRUPTED {result.interrupted} {int(result.state.step[0])}", flush=True)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path)], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()
+  assert line.startswith("STEP"), proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  last = out.strip().splitlines()[-1].split()
+  assert last[:2] == ["INTERRUPTED", "True"]
+  stopped_at = int(last[2])
+  assert 0 < stopped_at < STEPS and stopped_at % SPC == 0
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  assert ckpt.steps() == [stopped_at]  # saved on the way out (checkpoint_every was 1000)
+  resumed = train.fit(OBJ, OPT, STEPS, steps_per_call=SPC, checkpointer=ckpt, log_fn=None)
+  reference = train.fit(OBJ, OPT, STEPS, steps_per_call=SPC, log_fn=None)
+  assert resumed.resumed_from == stopped_at
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.state.params), jax.tree_util.tree_leaves(reference.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny real run through the runner (in-process: one small LISTA-VM job).
+
+
+def tiny_config():
+  c = quick.get_config()
+  c.name = "tiny"
+  c.studies = "fig3"
+  c.problem.d, c.problem.n, c.problem.s = 6, 4, 2
+  c.lista.num_layers = 2
+  c.lista_train.steps, c.lista_train.batch, c.lista_train.matrices_per_batch = 20, 32, 4
+  c.lista_train.steps_per_epoch = c.lista_train.steps_per_call = c.lista_train.checkpoint_every = 10
+  c.eval.num_tasks, c.eval.curve_tasks, c.eval.prompt_lengths = 64, 32, "2,4"
+  c.fig1b.support = 4
+  return c
+
+
+def test_tiny_run_writes_every_output_and_report(tmp_path):
+  c = tiny_config()
+  logs = []
+  out = runner.run(c, str(tmp_path), log=logs.append)
+  job = tmp_path / "lista_vm"
+  assert json.load(open(tmp_path / "config.json")) == json.loads(c.to_json())
+  metrics = writers.read_jsonl(str(job / "metrics.jsonl"))
+  assert [m["step"] for m in metrics] == [10, 20] and [m["epoch"] for m in metrics] == [1.0, 2.0]
+  events = [e for f in os.listdir(job) if f.startswith("events.out.tfevents")
+            for e in writers.read_events(str(job / f))]
+  assert events[0]["file_version"] == "brain.Event:2"
+  logged = [e for e in events if "test/pred_error" in e["scalars"]]
+  assert [e["step"] for e in logged] == [10, 20]
+  np.testing.assert_allclose([e["scalars"]["test/pred_error"] for e in logged],
+                             [m["test_pred_error"] for m in metrics], rtol=1e-6)
+  res = json.load(open(job / "results.json"))
+  assert res["steps"] == 20 and res["seeds"] == [0] and np.isfinite(res["pred_error"]["mean"])
+  assert sorted(res["per_prompt_length"]) == ["2", "4"]
+  assert out["jobs"]["lista_vm"]["pred_error"] == res["pred_error"]
+  assert checkpoint.Checkpointer(job / "checkpoints").steps() == [10, 20]
+  assert any("instances/s" in line for line in logs)
+  # The final number is the evaluation of the trained parameters, reproducible from the checkpoint.
+  from l2o_jax import lista
+  objective, optimizer, *_ = runner.make_objective(c, runner.Job("lista_vm"))
+  state, _ = checkpoint.Checkpointer(job / "checkpoints").restore_latest(
+      train.init_states(objective, optimizer, [0]))
+  task = runner.test_tasks(c, c.eval.num_tasks, salt=2)
+  direct = lista.evaluate("lista_vm", jax.tree_util.tree_map(lambda x: x[0], state.params), task)
+  assert res["pred_error"]["mean"] == pytest.approx(direct["pred_error"], rel=1e-6)
+  # Relaunch: finished jobs are not retrained; a changed config is refused, nothing overwritten.
+  logs.clear()
+  runner.run(c, str(tmp_path), log=logs.append)
+  assert any("already done" in line for line in logs)
+  c.lista.lam = 0.5
+  with pytest.raises(runner.ConfigError, match=r"different config \(fields lista.lam\)"):
+    runner.run(c, str(tmp_path), log=logs.append)
+  # The report turns the run into figures and a table.
+  figures, md = report.report([str(tmp_path)])
+  assert {os.path.basename(f) for f in figures} == {"fig3.png", "prompt_length.png"}
+  for f in figures:
+    assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  text = open(md).read()
+  assert "Figure 3" in text and f"{metrics[-1]['test_pred_error']:.4g}" in text
+
+
+
+def test_masked_prompt_lengths_equal_truncated_prompts():
+  import l2o_jax as L
+  task = L.sample_tasks(jax.random.key(5), 32, d=6, n=4, s=2)
+  solver = lambda X, y: L.fista(X, y, 0.1, 5)
+  masked = runner._per_prompt_length_masked(solver, task, [1, 3, 4])
+  truncated = L.per_prompt_length(jax.jit(jax.vmap(solver)), task, [1, 3, 4])
+  assert masked.keys() == truncated.keys()
+  for n in masked:
+    assert masked[n] == pytest.approx(truncated[n], rel=1e-5)
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])

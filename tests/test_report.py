@@ -1,0 +1,119 @@
+"""Run outputs and the report: the TensorBoard event-file writer (CRC-32C framing and the hand-encoded
+Event protobuf, checked against known bytes and read back) and the figures/tables of
+`experiments.report` on a synthetic set of job results covering every figure."""
+import json
+import os
+import struct
+
+import pytest
+
+from experiments import report, runner, writers
+from experiments.configs import quick
+
+
+def test_crc32c_known_vectors():
+  # RFC 3720 (iSCSI) test vectors for CRC-32C.
+  assert writers.crc32c(b"123456789") == 0xE3069283
+  assert writers.crc32c(bytes(32)) == 0x8A9136AA
+  assert writers.crc32c(bytes([0xFF] * 32)) == 0x62A8AB43
+  crc = writers.crc32c(b"abc")
+  assert writers.masked_crc32c(b"abc") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_scalar_event_bytes_match_the_protobuf_wire_format():
+  got = writers.encode_scalar_event(3, {"a": 2.0}, wall_time=1.0)
+  value = b"\x0a\x01a" + b"\x15" + struct.pack("<f", 2.0)          # Value{tag=1, simple_value=2}
+  summary = b"\x0a" + bytes([len(value)]) + value                   # Summary{repeated value=1}
+  expected = (b"\x09" + struct.pack("<d", 1.0) + b"\x10\x03" +      # wall_time=1, step=2
+              b"\x2a" + bytes([len(summary)]) + summary)            # summary=5
+  assert got == expected
+
+
+def test_event_file_round_trip(tmp_path):
+  w = writers.EventWriter(str(tmp_path))
+  w.scalars(0, {"train/loss": 1.5, "test/pred_error": 0.25})
+  w.scalars(300, {"train/loss": 0.125, "skipped": float("nan")})
+  w.scalars(2**40, {"x": -3.0})
+  w.close()
+  events = writers.read_events(w.path)
+  assert events[0]["file_version"] == "brain.Event:2"
+  assert [(e["step"], e["scalars"]) for e in events[1:]] == [
+      (0, {"train/loss": 1.5, "test/pred_error": 0.25}), (300, {"train/loss": 0.125}), (2**40, {"x": -3.0})]
+  data = bytearray(open(w.path, "rb").read())
+  data[-5] ^= 1  # flip a bit in the last record's payload
+  open(w.path, "wb").write(bytes(data))
+  with pytest.raises(ValueError, match="bad data CRC"):
+    writers.read_records(w.path)
+
+
+def test_jsonl_truncates_steps_a_resumed_run_recomputes(tmp_path):
+  path = str(tmp_path / "m.jsonl")
+  w = writers.JsonlWriter(path)
+  for step in (10, 20, 30):
+    w.write({"step": step})
+  w.close()
+  with open(path, "a") as f:
+    f.write('{"step": 4')  # a line cut short by a kill
+  w = writers.JsonlWriter(path, truncate_after_step=20)
+  w.write({"step": 30, "again": True})
+  w.close()
+  assert writers.read_jsonl(path) == [{"step": 10}, {"step": 20}, {"step": 30, "again": True}]
+
+
+def _stats(v, n=2):
+  return {"mean": v, "std": 0.1 * v, "per_seed": [v * 0.9, v * 1.1][:n]}
+
+
+def _job(method, err, *, support=None, readout=None, K=None, curve=True, fixed=None):
+  out = {"job": runner.Job(method, support=support, readout=readout, num_layers=K).name, "method": method,
+         "support": support, "readout": readout, "num_layers": K,
+         "family": "tf" if method in runner.TF_METHODS else "lista", "steps": 100, "seeds": [0, 1],
+         "pred_error": _stats(err), "per_prompt_length": {str(n): _stats(err * 10 / n) for n in (2, 4, 6, 8, 10)}}
+  if fixed is not None:
+    out["pred_error_fixed_x"] = _stats(fixed)
+  if K is not None:
+    out["constructed_tf_pred_error"] = _stats(err)
+  if curve:
+    out["curve"] = [{"step": s, "epoch": s / 10, "test_pred_error": err * (1 + 10 / s),
+                     "test_pred_error_per_seed": [err, err * 1.2]} for s in (10, 20, 30)]
+  return out
+
+
+def test_report_writes_every_figure_and_table(tmp_path):
+  c = quick.get_config()
+  os.makedirs(tmp_path / "run")
+  wd = tmp_path / "run"
+  writers.write_json(str(wd / "config.json"), json.loads(c.to_json()))
+  jobs = [_job("lista", 6.0, fixed=0.05), _job("lista_cp", 9.0, fixed=0.04), _job("alista", 12.0, fixed=0.06),
+          _job("lista_meta", 3.1), _job("lista_cp_meta", 2.9), _job("lista_vm", 0.68),
+          _job("small_tf", 0.3, readout="query"), _job("gpt2", 0.2),
+          _job("lista_vm", 0.7, support=10), _job("lista_vm_ss", 0.07, support=10),
+          _job("small_tf", 0.06, support=10, readout="query"),
+          _job("small_tf", 0.5, readout="linear"), _job("small_tf", 0.31, readout="query_dagger")]
+  jobs += [_job("lista_vm", 2.0 / k, K=k) for k in (1, 2, 4, 8, 16)]
+  for j in jobs:
+    os.makedirs(wd / j["job"])
+    writers.write_json(str(wd / j["job"] / "results.json"), j)
+  refs = {"ista": 1.2, "fista": 0.9, "lasso": 0.5, "oracle": 0.01, "lam": 0.1, "iters": 12,
+          "ista_per_k": {str(k): 2.0 / k ** 0.5 for k in (1, 2, 4, 8, 16)},
+          "fista_per_k": {str(k): 1.5 / k for k in (1, 2, 4, 8, 16)},
+          **{f"{m}_per_prompt_length": {str(n): 5.0 / n for n in (2, 4, 6, 8, 10)} for m in ("ista", "fista", "lasso")}}
+  writers.write_json(str(wd / "results.json"), {"references": {"none": refs, "support10": refs},
+                                                 "classical_table": "| lam | ISTA |\n|---|---|\n| 0.1 | 1.2 |"})
+  figures, md = report.report([str(wd)], str(tmp_path / "out"))
+  names = {os.path.basename(f) for f in figures}
+  assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "prompt_length.png"}
+  for f in figures:
+    assert os.path.getsize(f) > 1000 and open(f, "rb").read(4) == b"\x89PNG"
+  text = open(md).read()
+  assert "| LISTA-VM-SS | 0.07 ± 0.007 |" in text          # mean ± std over seeds
+  assert "| LISTA | 6 ± 0.6 | 0.05 ± 0.005 |" in text       # varying X and the training X
+  assert "| 16 | 0.125 | 0.125 | 0.5 | 0.09375 |" in text    # layers table row
+  assert "| 0.1 | 1.2 |" in text                             # classical table carried over
+  for name in names:
+    assert f"]({name})" in text
+
+
+def test_report_cli_errors_on_a_non_run_directory(tmp_path, capsys):
+  assert report.main([str(tmp_path)]) == 2
+  assert "has no config.json" in capsys.readouterr().err

@@ -1,0 +1,199 @@
+"""transformer_forward (Definitions 3.1-3.3), read-outs (Definitions 4.1, 4.2, Corollary E.1),
+the Small TF and its objectives. Small shapes; every reference is computed independently."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2o_jax import lista, sample_tasks
+from l2o_jax.transformer import (SmallTF, embed, evaluate, init_params, linear_readout,
+                                 make_objective, predict, query_dagger_readout, query_readout,
+                                 readout_kind, small_tf_from_construction, small_tf_init,
+                                 small_tf_predict, transformer_forward, x_tilde)
+
+d, N = 4, 5
+D = 2 * d + 2
+
+
+@pytest.fixture(scope="module")
+def task():
+  return sample_tasks(jax.random.key(0), 8, d=d, n=N, s=2)
+
+
+@pytest.fixture(scope="module")
+def tf_params():
+  # out_scale 1 so that every block changes the sequence visibly.
+  return small_tf_init(jax.random.key(1), d=d, num_layers=3, num_heads=2, mlp_hidden=7, out_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def batch_predict():
+  return jax.jit(jax.vmap(small_tf_predict, in_axes=(None, 0, 0, 0)))
+
+
+@pytest.fixture(scope="module")
+def forward():
+  return jax.jit(transformer_forward)
+
+
+def _numpy_forward(params, H):
+  """Definitions 3.1-3.3 token by token, float64."""
+  H = np.asarray(H, np.float64)
+  a = {k: np.asarray(v, np.float64) for k, v in params["attn"].items()}
+  m = {k: np.asarray(v, np.float64) for k, v in params["mlp"].items()}
+  T = H.shape[1]
+  for k in range(a["Q"].shape[0]):
+    out = H.copy()
+    for i in range(T):
+      for h in range(a["Q"].shape[1]):
+        q = a["Q"][k, h] @ H[:, i]
+        for j in range(i + 1):
+          out[:, i] += max(q @ (a["K"][k, h] @ H[:, j]), 0.0) / (i + 1) * (a["V"][k, h] @ H[:, j])
+    H = out + m["W2"][k] @ np.maximum(m["W1"][k] @ out + m["b"][k][:, None], 0.0)
+  return H
+
+
+def test_forward_matches_token_loop(task, tf_params, forward):
+  H = embed(task.X[0], task.y[0], task.x_query[0])
+  body = tf_params["body"]
+  got = forward(body, H)
+  want = _numpy_forward(body, H)
+  assert np.abs(want - np.asarray(H)).max() > 0.1  # the blocks do something
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  all_H = jax.jit(lambda p, H: transformer_forward(p, H, return_all=True))(body, H)
+  assert all_H.shape == (3, D, 2 * N + 1)
+  np.testing.assert_allclose(all_H[-1], got, rtol=1e-6, atol=1e-6)
+
+
+def test_decoder_mask_later_tokens_do_not_leak(task, tf_params, forward):
+  H = embed(task.X[0], task.y[0], task.x_query[0])
+  body = tf_params["body"]
+  base = np.asarray(forward(body, H))
+  for i in (0, 3, 7):
+    noise = jax.random.normal(jax.random.key(i), H.shape) * 5.0
+    H2 = H.at[:, i + 1:].add(noise[:, i + 1:])
+    out = np.asarray(forward(body, H2))
+    np.testing.assert_allclose(out[:, :i + 1], base[:, :i + 1], rtol=1e-5, atol=1e-5)
+    assert np.abs(out[:, i + 1:] - base[:, i + 1:]).max() > 1e-2
+
+
+def test_readouts_match_definitions():
+  rng = np.random.default_rng(0)
+  H = rng.standard_normal((D, 2 * N + 1)).astype(np.float32)
+  Xt = rng.standard_normal((N + 1, d)).astype(np.float32)
+  v = rng.standard_normal(D).astype(np.float32)
+  V = rng.standard_normal((D, d)).astype(np.float32)
+  lin, qry, dag = linear_readout(v, H), query_readout(V, H, Xt), query_dagger_readout(H, Xt)
+  for out in (lin, qry, dag):
+    assert out.shape == (N + 1,)
+  for i in range(N + 1):  # y_hat_{i+1} from token 2i+1 (1-indexed)
+    h = H[:, 2 * i]
+    np.testing.assert_allclose(lin[i], v @ h, rtol=1e-5)
+    np.testing.assert_allclose(qry[i], h @ V @ Xt[i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dag[i], h[d + 1:2 * d + 1] @ Xt[i], rtol=1e-4, atol=1e-5)
+
+
+def test_small_tf_from_construction_reproduces_lista_vm(task):
+  params = lista.lista_vm_init(jax.random.key(2), 4, d, n=N, lam=0.05)
+  X, y, q = task.X[1], task.y[1], task.x_query[1]
+  Xt = np.asarray(x_tilde(X, q))
+  want = np.array([0.0] + [Xt[i] @ np.asarray(lista.lista_vm(params, X[:i], y[:i])) for i in range(1, N + 1)])
+  assert np.abs(want).max() > 0.1
+  for readout in ("query", "query_dagger"):
+    tf = small_tf_from_construction(params, 1e4, readout=readout)
+    assert readout_kind(tf) == readout
+    np.testing.assert_allclose(small_tf_predict(tf, X, y, q), want, rtol=1e-4, atol=1e-5)
+
+
+def test_init_shapes_and_readout_kinds():
+  p = small_tf_init(jax.random.key(0))  # the paper's Small TF: d = 20, 12 layers, 4 heads, D = 42
+  assert p["body"]["attn"]["Q"].shape == (12, 4, 42, 42)
+  assert p["body"]["mlp"]["W1"].shape == (12, 168, 42) and p["V"].shape == (42, 20)
+  for readout, key in (("linear", "v"), ("query", "V"), ("query_dagger", None)):
+    p = small_tf_init(jax.random.key(0), d=d, num_layers=1, readout=readout)
+    assert readout_kind(p) == readout
+    assert (key in p) if key else set(p) == {"body"}
+
+
+@pytest.fixture(scope="module")
+def objective():
+  return make_objective("small_tf", d=d, n=N, s=2, batch=8, num_layers=2, num_heads=2, mlp_hidden=8)
+
+
+@pytest.fixture(scope="module")
+def loss_and_grad(objective):
+  return jax.jit(jax.value_and_grad(objective.loss))
+
+
+def test_one_training_step_lowers_the_loss(objective, loss_and_grad, task):
+  params = objective.init(jax.random.key(0))
+  batch = objective.sample(jax.random.key(1))
+  assert jax.tree_util.tree_map(jnp.shape, batch) == jax.tree_util.tree_map(jnp.shape, task)
+  batch = task  # same shapes as the sampler's, one compile shared with the next test
+  opt = optax.adam(1e-3)
+  loss0, grads = loss_and_grad(params, batch)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  loss1, _ = loss_and_grad(optax.apply_updates(params, updates), batch)
+  assert np.isfinite(loss0) and loss1 < loss0
+
+
+def test_loss_on_query_and_all(objective, task, batch_predict, loss_and_grad):
+  params = objective.init(jax.random.key(0))
+  preds = np.asarray(batch_predict(params, task.X, task.y, task.x_query))
+  np.testing.assert_allclose(preds[3], small_tf_predict(params, task.X[3], task.y[3], task.x_query[3]), rtol=1e-5)
+  np.testing.assert_allclose(loss_and_grad(params, task)[0], np.mean((task.y_query - preds[:, -1]) ** 2), rtol=1e-5)
+  obj_all = make_objective("small_tf", d=d, n=N, s=2, batch=16, loss_on="all", num_layers=2, num_heads=2,
+                           mlp_hidden=8)
+  targets = np.concatenate([task.y, task.y_query[:, None]], axis=1)
+  np.testing.assert_allclose(obj_all.loss(params, task), np.mean((targets - preds) ** 2), rtol=1e-5)
+
+
+def test_evaluate_per_prompt_length_matches_truncated_prompts(task, tf_params, batch_predict):
+  params = tf_params
+  ev = evaluate("small_tf", params, task)
+  assert sorted(ev["per_prompt_length"]) == list(range(1, N + 1))
+  for n in (2, N):
+    preds = np.asarray(batch_predict(params, task.X[:, :n], task.y[:, :n], task.x_query))[:, -1]
+    np.testing.assert_allclose(ev["per_prompt_length"][n], np.mean((task.y_query - preds) ** 2), rtol=1e-4)
+  assert ev["pred_error"] == ev["per_prompt_length"][N]
+
+
+def test_nnx_wrapper_matches_pure_functions(tf_params, task):
+  module = SmallTF.from_params(tf_params)
+  np.testing.assert_allclose(module(task.X[0], task.y[0], task.x_query[0]),
+                             predict("small_tf", tf_params, task.X[0], task.y[0], task.x_query[0]), rtol=1e-6)
+  assert jax.tree_util.tree_structure(module.to_params()) == jax.tree_util.tree_structure(tf_params)
+  p = init_params("small_tf", jax.random.key(0), d=d, n=N, num_layers=1, readout="linear")
+  assert readout_kind(p) == "linear"
+
+
+def test_gpt2_dispatch(task):
+  # GPT-2's own training-step test lives in tests/test_gpt2.py; here: the objective wiring.
+  gpt2 = pytest.importorskip("l2o_jax.transformer.gpt2")
+  obj = make_objective("gpt2", d=d, n=N, s=2, batch=8, loss_on="all", num_layers=1, width=16, num_heads=2)
+  params = obj.init(jax.random.key(0))
+  preds = jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0))(params, task.X, task.y, task.x_query)
+  assert preds.shape == (task.X.shape[0], N + 1)
+  targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
+  np.testing.assert_allclose(obj.loss(params, task), jnp.mean((targets - preds) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(predict("gpt2", params, task.X[0], task.y[0], task.x_query[0]), preds[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: transformer_forward(p["body"], jnp.zeros((D + 2, 5))), "H: expected 10 rows"),
+    (lambda p: transformer_forward({"attn": p["body"]["attn"]}, jnp.zeros((D, 5))), "params"),
+    (lambda p: small_tf_predict(p, jnp.zeros((3, d + 1)), jnp.zeros(3), jnp.zeros(d + 1)), "d = 4"),
+    (lambda p: small_tf_predict(p, jnp.zeros((3, d)), jnp.zeros(2), jnp.zeros(d)), "y: expected shape"),
+    (lambda p: linear_readout(jnp.zeros(D + 1), jnp.zeros((D, 5))), "v: expected shape"),
+    (lambda p: query_readout(jnp.zeros((D, d)), jnp.zeros((D, 5)), jnp.zeros((2, d))), "X_tilde"),
+    (lambda p: query_readout(jnp.zeros((D, d)), jnp.zeros((D, 4)), jnp.zeros((3, d))), "odd number"),
+    (lambda p: small_tf_init(jax.random.key(0), d=d, readout="softmax"), "readout"),
+    (lambda p: make_objective("bert"), "model"),
+    (lambda p: make_objective("small_tf", loss_on="mean"), "loss_on"),
+    (lambda p: small_tf_from_construction({"M": jnp.zeros((1, d, d)), "theta": jnp.zeros(1)}, 1.0,
+                                          readout="linear"), "readout"),
+])
+def test_bad_inputs_raise(tf_params, call, match):
+  with pytest.raises(ValueError, match=match):
+    call(tf_params)
