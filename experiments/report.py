@@ -226,6 +226,40 @@ def layers(run, out_dir: str):
   return path, table
 
 
+def per_layer(run, out_dir: str):
+  """Error after each unrolled layer k = 1..K for every LISTA-type job, ISTA and FISTA."""
+  cfg = run["config"]
+  refs = run["references"].get("none", {})
+  series = []
+  for name, job in sorted(run["jobs"].items()):
+    if "per_layer" in job and "-K" not in name and not job.get("support"):
+      series.append((LABELS.get(name, LABELS.get(job["method"], name)), [_mean(v) if isinstance(v, dict) else v
+                                                                          for v in job["per_layer"]]))
+  for name in ("ista", "fista"):
+    if refs.get(f"{name}_per_layer"):
+      series.append((f"{LABELS[name]} (lam={refs['lam']})", refs[f"{name}_per_layer"]))
+  if not series:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  K = max(len(v) for _, v in series)
+  rows = []
+  for label, values in series:
+    ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
+    rows.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
+  ax.set_yscale("log")
+  ax.set_xlabel("layer / iteration k")
+  ax.set_ylabel("prediction error (varying X)")
+  ax.set_title(f"Error after each layer  [{cfg['name']}]")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "per_layer.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  table = ["### Prediction error after each layer (varying X)", "",
+           "| method | " + " | ".join(f"k={k}" for k in range(1, K + 1)) + " |", "|---|" + "---:|" * K, *rows, ""]
+  return path, table
+
+
 def prompt_length(run, out_dir: str):
   cfg = run["config"]
   refs = run["references"].get("none", {})
@@ -281,7 +315,7 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
     os.makedirs(sub, exist_ok=True)
     parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),
              fig1c(run, sub), curves(run, "fig2", sub), curves(run, "fig3", sub), layers(run, sub),
-             prompt_length(run, sub)]
+             per_layer(run, sub), prompt_length(run, sub)]
     for part in parts:
       if part is not None:
         path, table = part

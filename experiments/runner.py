@@ -412,6 +412,7 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
     errs = np.asarray(jnp.mean((task.y_query[:, None] - jnp.einsum("bd,bkd->bk", task.x_query, traj)) ** 2, 0))
     out[name] = float(errs[c.eval.iters - 1])
     out[f"{name}_per_k"] = {int(k): float(errs[k - 1]) for k in (ks or [])}
+    out[f"{name}_per_layer"] = [float(e) for e in errs[:c.eval.iters]]
   out["lasso"] = err(jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:

@@ -162,7 +162,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
     runner.run(c, str(tmp_path), log=logs.append)
   # The report turns the run into figures and a table.
   figures, md = report.report([str(tmp_path)])
-  assert {os.path.basename(f) for f in figures} == {"fig3.png", "prompt_length.png"}
+  assert {os.path.basename(f) for f in figures} == {"fig3.png", "per_layer.png", "prompt_length.png"}
   for f in figures:
     assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   text = open(md).read()

@@ -97,16 +97,18 @@ def test_report_writes_every_figure_and_table(tmp_path):
   refs = {"ista": 1.2, "fista": 0.9, "lasso": 0.5, "oracle": 0.01, "lam": 0.1, "iters": 12,
           "ista_per_k": {str(k): 2.0 / k ** 0.5 for k in (1, 2, 4, 8, 16)},
           "fista_per_k": {str(k): 1.5 / k for k in (1, 2, 4, 8, 16)},
+          "ista_per_layer": [2.0 / k for k in range(1, 13)], "fista_per_layer": [1.5 / k for k in range(1, 13)],
           **{f"{m}_per_prompt_length": {str(n): 5.0 / n for n in (2, 4, 6, 8, 10)} for m in ("ista", "fista", "lasso")}}
   writers.write_json(str(wd / "results.json"), {"references": {"none": refs, "support10": refs},
                                                  "classical_table": "| lam | ISTA |\n|---|---|\n| 0.1 | 1.2 |"})
   figures, md = report.report([str(wd)], str(tmp_path / "out"))
   names = {os.path.basename(f) for f in figures}
-  assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "prompt_length.png"}
+  assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "per_layer.png", "prompt_length.png"}
   for f in figures:
     assert os.path.getsize(f) > 1000 and open(f, "rb").read(4) == b"\x89PNG"
   text = open(md).read()
   assert "| LISTA-VM-SS | 0.07 ± 0.007 |" in text          # mean ± std over seeds
+  assert "| ISTA (lam=0.1) | 2 | 1 | 0.667 |" in text        # per-layer curve of the references
   assert "| LISTA | 6 ± 0.6 | 0.05 ± 0.005 |" in text       # varying X and the training X
   assert "| 16 | 0.125 | 0.125 | 0.5 | 0.09375 |" in text    # layers table row
   assert "| 0.1 | 1.2 |" in text                             # classical table carried over
