@@ -184,6 +184,21 @@ def curves(run, study: str, out_dir: str):
   return path, table
 
 
+def _save_log_figure(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: str, title: str,
+                     legend_size: int = 8) -> str:
+  """Log-scale y axis, labels, legend; writes out_dir/name.png and closes the figure."""
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"{name}.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def layers(run, out_dir: str):
   cfg = run["config"]
   if "layers" not in _split(cfg["studies"]):
@@ -212,15 +227,8 @@ def layers(run, out_dir: str):
     fista = refs.get("fista_per_k", {}).get(str(k))
     rows.append(f"| {k} | {tf[i]:.4g} | {vm[i]:.4g} | {'' if ista is None else f'{ista:.4g}'} | "
                 f"{'' if fista is None else f'{fista:.4g}'} |")
-  ax.set_yscale("log")
-  ax.set_xlabel("layers / iterations K")
-  ax.set_ylabel("prediction error")
-  ax.set_title(f"Theorem 5.1: error vs depth  [{cfg['name']}]")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "layers.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  path = _save_log_figure(fig, ax, out_dir, "layers", xlabel="layers / iterations K", ylabel="prediction error",
+                          title=f"Theorem 5.1: error vs depth  [{cfg['name']}]")
   table = ["### Error vs depth K (Theorem 5.1)", "",
            "| K | constructed TF | LISTA-VM | ISTA | FISTA |", "|---:|---:|---:|---:|---:|", *rows, ""]
   return path, table
@@ -246,15 +254,9 @@ def per_layer(run, out_dir: str):
   for label, values in series:
     ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
     rows.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
-  ax.set_yscale("log")
-  ax.set_xlabel("layer / iteration k")
-  ax.set_ylabel("prediction error (varying X)")
-  ax.set_title(f"Error after each layer  [{cfg['name']}]")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "per_layer.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  path = _save_log_figure(fig, ax, out_dir, "per_layer", xlabel="layer / iteration k",
+                          ylabel="prediction error (varying X)", title=f"Error after each layer  [{cfg['name']}]",
+                          legend_size=7)
   table = ["### Prediction error after each layer (varying X)", "",
            "| method | " + " | ".join(f"k={k}" for k in range(1, K + 1)) + " |", "|---|" + "---:|" * K, *rows, ""]
   return path, table
@@ -283,15 +285,8 @@ def prompt_length(run, out_dir: str):
     ax.plot(xs, [s[n] for n in xs], marker="o", label=label, ls="-" if label not in LABELS.values()
             or label in ("LISTA-VM", "Small TF", "GPT-2") else "--")
     rows.append(f"| {label} | " + " | ".join(f"{s[n]:.3g}" if n in s else "" for n in ns) + " |")
-  ax.set_yscale("log")
-  ax.set_xlabel("prompt length n (demonstrations seen)")
-  ax.set_ylabel("prediction error")
-  ax.set_title(f"Prompt-length generalisation  [{cfg['name']}]")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "prompt_length.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  path = _save_log_figure(fig, ax, out_dir, "prompt_length", xlabel="prompt length n (demonstrations seen)",
+                          ylabel="prediction error", title=f"Prompt-length generalisation  [{cfg['name']}]")
   table = ["### Prediction error vs prompt length n (trained at N = " + str(cfg["problem"]["n"]) + ")", "",
            "| method | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
   return path, table

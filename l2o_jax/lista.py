@@ -46,6 +46,16 @@ def _soft(x, theta):
   return soft_threshold(x, jnp.maximum(theta, 0.0))
 
 
+def _check_sizes(num_layers, d, n, lam, X):
+  """Validates the sizes shared by every init; returns (num_layers, d, n, X's shape or None)."""
+  num_layers = _checks.check_positive_int("num_layers", num_layers)
+  d = _checks.check_positive_int("d", d)
+  n = _checks.check_positive_int("n", n)
+  _checks.check_nonnegative("lam", lam)
+  shape = None if X is None else _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
+  return num_layers, d, n, shape
+
+
 def _expected_lipschitz(n: int, d: int) -> float:
   """E[lambda_max(X^T X)] ~ (sqrt(n) + sqrt(d))^2 for X with i.i.d. N(0, 1) entries."""
   return float((np.sqrt(n) + np.sqrt(d)) ** 2)
@@ -177,12 +187,8 @@ def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int = 10, lam: flo
   the prior's size instead of d. A PRNG key (instead of None) adds i.i.d. N(0, (0.01 c)^2)
   noise to every entry of M.
   """
-  num_layers = _checks.check_positive_int("num_layers", num_layers)
-  d = _checks.check_positive_int("d", d)
-  n = _checks.check_positive_int("n", n)
-  _checks.check_nonnegative("lam", lam)
+  num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X)
   if X is not None:
-    shape = _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
     if shape[1] != d:
       raise ValueError(f"X: expected {d} columns (d), got shape {shape}")
     n = shape[0]
@@ -275,12 +281,8 @@ def init(method: str, key, *, num_layers: int = 12, d: int = 20, n: int = 10, X=
   A key (rather than None) perturbs the matrices by 1% relative Gaussian noise.
   """
   _check_method(method)
-  num_layers = _checks.check_positive_int("num_layers", num_layers)
-  d = _checks.check_positive_int("d", d)
-  n = _checks.check_positive_int("n", n)
-  _checks.check_nonnegative("lam", lam)
+  num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X)
   if X is not None:
-    shape = _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
     if shape != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {shape}")
     X = np.asarray(X, np.float64)
