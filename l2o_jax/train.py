@@ -118,40 +118,18 @@ def make_train_chunk(objective: Objective, optimizer: optax.GradientTransformati
   return chunk
 
 
-def check_finite_chunk(metrics, first_step: int) -> None:
-  """Raises NonFiniteLossError naming the first non-finite step of a chunk."""
-  finite = np.asarray(metrics["finite"])
-  if not finite.all():
-    bad = first_step + int(np.argmin(finite))
-    loss = float(np.asarray(metrics["loss"])[int(np.argmin(finite))])
-    raise NonFiniteLossError(bad, f"non-finite loss/gradient at step {bad} (loss={loss}); "
-                             f"parameters kept at the last good step {bad}")
-
-
 def train(objective: Objective, optimizer: optax.GradientTransformation, num_steps: int, *,
-          seed: int = 0, steps_per_call: int = 100, state: TrainState | None = None,
-          log_every: int = 0, log_fn: Callable[[str], None] = print):
-  """A plain in-memory training loop (no checkpoints; see experiments/ for the launcher).
+          seed: int = 0, steps_per_call: int = 100, log_every_s: float = 0.0,
+          log_fn: Callable[[str], None] | None = print):
+  """A plain in-memory training loop for one seed: `fit` without checkpoints.
 
   Returns (state, losses) with losses a (num_steps,) numpy array of per-step training losses.
+  Raises NonFiniteLossError naming the first non-finite step.
   """
-  num_steps = _checks.check_positive_int("num_steps", num_steps)
-  steps_per_call = min(_checks.check_positive_int("steps_per_call", steps_per_call), num_steps)
-  if state is None:
-    state = init_state(objective, optimizer, seed)
-  chunk = make_train_chunk(objective, optimizer, steps_per_call)
-  losses, done, t0 = [], 0, time.time()
-  while done < num_steps:
-    if num_steps - done < steps_per_call:
-      chunk = make_train_chunk(objective, optimizer, num_steps - done)
-    first = int(state.step)
-    state, metrics = chunk(state)
-    check_finite_chunk(metrics, first)
-    losses.append(np.asarray(metrics["loss"]))
-    done += len(losses[-1])
-    if log_every and (done // log_every) != ((done - len(losses[-1])) // log_every):
-      log_fn(f"step {done}/{num_steps} loss {float(losses[-1][-1]):.4g} ({time.time() - t0:.1f}s)")
-  return state, np.concatenate(losses)
+  result = fit(objective, optimizer, num_steps, seeds=(seed,), steps_per_call=steps_per_call,
+               log_every_s=log_every_s, log_fn=log_fn if log_every_s else None)
+  state = jax.tree_util.tree_map(lambda a: a[0], result.state)
+  return state, result.losses[0]
 
 
 # ----------------------------------------------------------------------------------------------
