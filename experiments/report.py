@@ -7,7 +7,8 @@ reports what it has), and writes into DIR (default: the first WORKDIR's report/)
   fig1c.png                Small TF read-outs vs prompt length n (Figure 1c)
   fig2.png, fig3.png       test prediction error vs epoch of meta-trained LISTA(-CP) / LISTA-VM
   layers.png               error vs depth K: constructed Transformer, LISTA-VM, ISTA, FISTA
-  prompt_length.png        prompt-length generalisation of the models that accept any n
+  prompt_length.png        prompt-length generalisation (n = eval.prompt_lengths, also beyond the
+                           training N: dashed line) of the models that accept other n, and references
   results.md               every number above as markdown tables
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments.runner import FIXED_X, Job, _ints, _split  # noqa: E402
 
@@ -116,6 +118,17 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   return path, table
 
 
+def _beyond_training_n(ax, N: int, ns) -> list[str]:
+  """Integer ticks for the prompt-length axis; marks the training prompt length N (dashed vertical
+  line) when the curves go beyond it; returns the table's note (empty when every n <= N)."""
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if not ns or max(ns) <= N:
+    return []
+  ax.axvline(N, ls="--", color="0.4", lw=1, label=f"training N = {N}")
+  return [f"Columns n > N = {N} lie beyond the training prompt length (right of the dashed line in the "
+          "figure).", ""]
+
+
 def fig1c(run, out_dir: str):
   cfg = run["config"]
   if "fig1c" not in _split(cfg["studies"]):
@@ -133,6 +146,7 @@ def fig1c(run, out_dir: str):
   if not rows:
     plt.close(fig)
     return None
+  note = _beyond_training_n(ax, cfg["problem"]["n"], ns)
   ax.set_yscale("log")
   ax.set_xlabel("prompt length n")
   ax.set_ylabel("prediction error")
@@ -142,7 +156,7 @@ def fig1c(run, out_dir: str):
   path = os.path.join(out_dir, "fig1c.png")
   fig.savefig(path, dpi=120)
   plt.close(fig)
-  table = ["### Figure 1c: Small TF read-outs vs prompt length", "",
+  table = ["### Figure 1c: Small TF read-outs vs prompt length", "", *note,
            "| read-out | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
   return path, table
 
@@ -185,13 +199,17 @@ def curves(run, study: str, out_dir: str):
 
 
 def _save_log_figure(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: str, title: str,
-                     legend_size: int = 8) -> str:
-  """Log-scale y axis, labels, legend; writes out_dir/name.png and closes the figure."""
+                     legend_size: int = 8, legend_outside: bool = False) -> str:
+  """Log-scale y axis, labels, legend (right of the axes with legend_outside); writes
+  out_dir/name.png and closes the figure."""
   ax.set_yscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
-  ax.legend(fontsize=legend_size)
+  if legend_outside:
+    ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  else:
+    ax.legend(fontsize=legend_size)
   fig.tight_layout()
   path = os.path.join(out_dir, f"{name}.png")
   fig.savefig(path, dpi=120)
@@ -265,29 +283,38 @@ def per_layer(run, out_dir: str):
 def prompt_length(run, out_dir: str):
   cfg = run["config"]
   refs = run["references"].get("none", {})
-  series = []
+  series, notes = [], []
   for name, job in sorted(run["jobs"].items()):
     if job.get("support") or "-K" in name:  # support-prior and depth-study jobs have their own figures
       continue
     if "per_prompt_length" in job and (job["method"] != "small_tf" or job["readout"] == cfg["tf"]["readout"]):
       ppl = job["per_prompt_length"]
-      series.append((LABELS.get(job["method"], job["method"]), {int(n): _mean(v) for n, v in ppl.items()}))
+      label = LABELS.get(job["method"], job["method"])
+      series.append((label, {int(n): _mean(v) for n, v in ppl.items()}))
+      if job.get("per_prompt_length_skipped"):  # e.g. GPT-2 beyond its learned position table
+        notes.append(f"{label}: n = {', '.join(map(str, job['per_prompt_length_skipped']))} left blank; "
+                     f"{job.get('per_prompt_length_note', 'the model cannot take these lengths')}.")
   for name in ("ista", "fista", "lasso"):
     if f"{name}_per_prompt_length" in refs:
       series.append((LABELS[name], {int(n): v for n, v in refs[f"{name}_per_prompt_length"].items()}))
   if not series:
     return None
-  fig, ax = plt.subplots(figsize=(6, 4))
   ns = sorted(set().union(*[s.keys() for _, s in series]))
+  N = cfg["problem"]["n"]
+  fig, ax = plt.subplots(figsize=(8, 4))
   rows = []
   for label, s in series:
     xs = sorted(s)
     ax.plot(xs, [s[n] for n in xs], marker="o", label=label, ls="-" if label not in LABELS.values()
             or label in ("LISTA-VM", "Small TF", "GPT-2") else "--")
     rows.append(f"| {label} | " + " | ".join(f"{s[n]:.3g}" if n in s else "" for n in ns) + " |")
+  note = _beyond_training_n(ax, N, ns)
+  if notes:
+    note += [" ".join(notes), ""]
   path = _save_log_figure(fig, ax, out_dir, "prompt_length", xlabel="prompt length n (demonstrations seen)",
-                          ylabel="prediction error", title=f"Prompt-length generalisation  [{cfg['name']}]")
-  table = ["### Prediction error vs prompt length n (trained at N = " + str(cfg["problem"]["n"]) + ")", "",
+                          ylabel="prediction error", title=f"Prompt-length generalisation  [{cfg['name']}]",
+                          legend_outside=True)
+  table = [f"### Prediction error vs prompt length n (trained at N = {N})", "", *note,
            "| method | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
   return path, table
 

@@ -129,8 +129,8 @@ def validate(c) -> None:
   for f in ("num_tasks", "curve_tasks", "iters"):
     _positive(f"eval.{f}", c.eval[f])
   for n in _ints("eval.prompt_lengths", c.eval.prompt_lengths):
-    if not 1 <= n <= p.n:
-      raise ConfigError(f"eval.prompt_lengths: expected values in [1, problem.n={p.n}], got {n}")
+    if n < 1:  # values above problem.n are allowed: prompt-length generalisation beyond N
+      raise ConfigError(f"eval.prompt_lengths: expected positive integers (n >= 1 demonstrations), got {n}")
   _positive("checkpoint.keep", c.checkpoint.keep)
   devices = jax.device_count()
   if devices > 1:
@@ -251,11 +251,18 @@ def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, in
   return objective, optimizer, tt.steps, tt.steps_per_call, tt.eval_every, tt.checkpoint_every
 
 
-def test_tasks(c, num_tasks: int, *, support=None, X=None, salt: int = 0) -> L.Task:
-  """A fixed test set: fresh instances (varying X by default) from the eval seed."""
+# Salts of the fixed test sets (fold_in of the eval seed): 1 the training curves, 2 the final
+# numbers (N = problem.n demonstrations), 3 the fixed-X methods on their training X, 4 the
+# prompt-length curves (n_max = max(eval.prompt_lengths, problem.n) demonstrations).
+PROMPT_LENGTH_SALT = 4
+
+
+def test_tasks(c, num_tasks: int, *, support=None, X=None, salt: int = 0, n: int | None = None) -> L.Task:
+  """A fixed test set: fresh instances (varying X by default) from the eval seed; `n`
+  demonstrations per prompt (default problem.n)."""
   p = c.problem
   key = jax.random.fold_in(jax.random.key(c.eval.seed), salt)
-  return L.sample_tasks(key, num_tasks, d=p.d, n=p.n, s=p.s, support=support,
+  return L.sample_tasks(key, num_tasks, d=p.d, n=p.n if n is None else n, s=p.s, support=support,
                         noise_std=p.noise_std, X=X)
 
 
@@ -264,18 +271,54 @@ def _seed_params(params, i: int):
 
 
 def _lengths(c) -> list[int]:
-  return _ints("eval.prompt_lengths", c.eval.prompt_lengths) or list(range(1, c.problem.n + 1))
+  """The prompt lengths n of the per-prompt-length curves, sorted ("" = 1..2N)."""
+  return sorted(set(_ints("eval.prompt_lengths", c.eval.prompt_lengths))) or list(range(1, 2 * c.problem.n + 1))
 
 
-def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=None) -> dict:
-  """Test numbers of one seed's parameters on `task` (and on `fixed_task` for fixed-X methods)."""
+def prompt_length_tasks(c, *, support=None) -> L.Task:
+  """The test set of the per-prompt-length curves: eval.num_tasks fresh instances with
+  n_max = max(eval.prompt_lengths, problem.n) demonstrations (salt PROMPT_LENGTH_SALT); a curve
+  at length n uses the first n. Models and references with the same support prior share it."""
+  n_max = max(_lengths(c) + [c.problem.n])
+  return test_tasks(c, c.eval.num_tasks, support=support, salt=PROMPT_LENGTH_SALT, n=n_max)
+
+
+def has_prompt_lengths(job: Job) -> bool:
+  """Jobs with per-prompt-length curves: the Transformers and LISTA-VM(-SS), whose weights do not
+  depend on n. LISTA / LISTA-CP / ALISTA hold n-shaped weights for their N rows: none."""
+  return job.family == "tf" or job.lista_method in ("lista_vm", "lista_vm_ss")
+
+
+def max_demonstrations(job: Job, params_i) -> int | None:
+  """The most demonstrations a job's model accepts (None: any n). GPT-2's learned position table
+  holds max_points = problem.n + 1 points (`transformer.init_params`), so n <= max_points - 1."""
+  if job.method == "gpt2":
+    from l2o_jax.transformer import gpt2
+    return gpt2.config(params_i)["max_points"] - 1
+  return None
+
+
+def _truncate(task: L.Task, n: int) -> L.Task:
+  return task._replace(X=task.X[:, :n], y=task.y[:, :n])
+
+
+def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=None, ppl_task=None) -> dict:
+  """Test numbers of one seed's parameters on `task` (and on `fixed_task` for fixed-X methods).
+
+  With `full`, the per-prompt-length curve (every n in eval.prompt_lengths the model accepts)
+  comes from `ppl_task` (`prompt_length_tasks`; default `task`)."""
+  ppl_task = task if ppl_task is None else ppl_task
+  lengths = [n for n in _lengths(c) if n <= ppl_task.X.shape[1]]
   if job.family == "tf":
     from l2o_jax import transformer
-    ev = transformer.evaluate(job.method, params_i, task)
-    out = {"pred_error": ev["pred_error"]}
+    out = {"pred_error": transformer.evaluate(job.method, params_i, task)["pred_error"]}
     if full:
+      limit = max_demonstrations(job, params_i)
+      if limit is not None and ppl_task.X.shape[1] > limit:
+        ppl_task = _truncate(ppl_task, limit)  # evaluate only the prompts the model can hold
+      ev = transformer.evaluate(job.method, params_i, ppl_task)
       out["per_prompt_length"] = {int(n): float(v) for n, v in ev["per_prompt_length"].items()
-                                  if int(n) in _lengths(c)}
+                                  if int(n) in lengths}
     return out
   support = job.support if job.lista_method == "lista_vm_ss" else None
   ev = lista.evaluate(job.lista_method, params_i, task, support=support)
@@ -286,10 +329,10 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
   out["beta_nmse_db"] = ev["beta_nmse_db"]
   if fixed_task is not None:
     out["pred_error_fixed_x"] = lista.evaluate(job.lista_method, params_i, fixed_task)["pred_error"]
-  if job.lista_method in ("lista_vm", "lista_vm_ss"):
+  if has_prompt_lengths(job):
     # LISTA-VM's weights do not depend on n (eq. 4.4), so it runs on any prompt length.
     est = jax.jit(jax.vmap(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support)))
-    out["per_prompt_length"] = L.per_prompt_length(est, task, _lengths(c))
+    out["per_prompt_length"] = L.per_prompt_length(est, ppl_task, lengths)
   if job.num_layers is not None:
     from l2o_jax import transformer
     # Theorem 4.1: the explicitly constructed Transformer runs these LISTA-VM weights.
@@ -298,6 +341,18 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
     tf_params = transformer.small_tf_from_construction(vm, jnp.float32(c.layers.bound), readout="query_dagger")
     out["constructed_tf_pred_error"] = transformer.evaluate("small_tf", tf_params, task)["pred_error"]
   return out
+
+
+def prompt_length_note(c, job: Job, params_i) -> dict:
+  """{"per_prompt_length_skipped": [n...], "per_prompt_length_note": why} for a job whose model
+  cannot take some of eval.prompt_lengths (GPT-2 beyond its position table); {} otherwise."""
+  limit = max_demonstrations(job, params_i)
+  skipped = [n for n in _lengths(c) if limit is not None and n > limit]
+  if not skipped:
+    return {}
+  return {"per_prompt_length_skipped": skipped,
+          "per_prompt_length_note": f"its learned position table holds max_points = {limit + 1} points "
+                                    f"(n <= {limit} demonstrations); longer prompts are not evaluated"}
 
 
 def _stats(values: list[float]) -> dict:
@@ -380,14 +435,15 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
   task = test_tasks(c, c.eval.num_tasks, support=job.support, salt=2)
   fixed_task = (test_tasks(c, c.eval.num_tasks, support=job.support, X=fixed_X(c), salt=3)
                 if job.method in FIXED_X else None)
+  ppl_task = prompt_length_tasks(c, support=job.support) if has_prompt_lengths(job) else None
   per_seed = [evaluate_job(c, job, _seed_params(result.state.params, i), task, full=True,
-                           fixed_task=fixed_task) for i in range(len(seeds))]
+                           fixed_task=fixed_task, ppl_task=ppl_task) for i in range(len(seeds))]
   out = {"job": job.name, "method": job.method, "support": job.support, "readout": job.readout,
          "num_layers": job.num_layers or (c.lista.num_layers if job.family == "lista" else None),
          "family": job.family, "protocol": job.protocol if job.family == "lista" else None,
          "steps": steps, "seeds": seeds, "steps_per_epoch": eval_every if job.family == "lista" else None,
          "curve": writers.read_jsonl(metrics_path) if os.path.exists(metrics_path) else [],
-         **aggregate(per_seed)}
+         **aggregate(per_seed), **prompt_length_note(c, job, _seed_params(result.state.params, 0))}
   if chief:
     writers.write_json(results_path, out)
   log(f"[{job.name}] test prediction error {out['pred_error']['mean']:.4g}"
@@ -416,11 +472,20 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
   out["lasso"] = err(jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:
-    for name, solver in (("ista", lambda X, y: L.ista(X, y, lam, c.eval.iters)),
-                         ("fista", lambda X, y: L.fista(X, y, lam, c.eval.iters)),
-                         ("lasso", lambda X, y: L.lasso(X, y, lam))):
-      out[f"{name}_per_prompt_length"] = _per_prompt_length_masked(solver, task, _lengths(c))
+    out.update(reference_prompt_lengths(c, support=support))
   out["lam"], out["iters"] = lam, c.eval.iters
+  return out
+
+
+def reference_prompt_lengths(c, *, support=None) -> dict:
+  """{ista,fista,lasso}_per_prompt_length: every n in eval.prompt_lengths (also beyond N: the
+  solvers take any n) on the prompt-length test set shared with the models."""
+  lam, task = c.eval.lam, prompt_length_tasks(c, support=support)
+  out = {}
+  for name, solver in (("ista", lambda X, y: L.ista(X, y, lam, c.eval.iters)),
+                       ("fista", lambda X, y: L.fista(X, y, lam, c.eval.iters)),
+                       ("lasso", lambda X, y: L.lasso(X, y, lam))):
+    out[f"{name}_per_prompt_length"] = _per_prompt_length_masked(solver, task, _lengths(c))
   return out
 
 

@@ -84,6 +84,35 @@ def _attention(H, Q, K, V):
   return H + jnp.einsum("mej,mji->ei", V @ H, weights)
 
 
+@jax.custom_vjp
+def dense(x, w):
+  """x @ w for x (..., K) and w (K, N): a matmul whose weight gradient is fast on XLA:CPU.
+
+  The weight gradient x^T g contracts the token axis, the leading (major) dimension of both
+  operands. XLA folds that transpose into the dot, and XLA:CPU's fast GEMM path (YNNPACK) does
+  not take such a dot, so the default backward pass runs it at about half speed (2-core EPYC,
+  (1344, 256)^T (1344, 1024): 18 ms against 10 ms). `dense` makes the transposed activations a
+  real copy (an optimization barrier stops XLA from folding it back), so the weight gradient is
+  the canonical (K, T) x (T, N) GEMM. Same arithmetic, same float32 results; on other backends
+  the extra copy is cheap.
+  """
+  return x @ w
+
+
+def _dense_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _dense_bwd(res, g):
+  x, w = res
+  K, N = w.shape
+  xt = jax.lax.optimization_barrier(x.reshape(-1, K).T)
+  return g @ w.T, xt @ g.reshape(-1, N)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def relu_mlp(H, W1, W2, b):
   """Token-wise residual ReLU MLP, Definition 3.2: h_i + W2 ReLU(W1 h_i + b).
 

@@ -2,8 +2,10 @@
 
 All solve, for one instance X (n, d), y (n,):
     minimize_beta  (1/2) ||y - X beta||^2 + lam ||beta||_1            (section 4.1)
-with beta^(1) = 0 and step 1/L, L the largest eigenvalue of X^T X. Batch with `jax.vmap`:
-every instance may have its own X.
+ISTA and FISTA start from beta^(1) = 0 with step 1/L, L the largest eigenvalue of X^T X. Batch
+with `jax.vmap`: every instance may have its own X. `lasso` is the duality-gap-certified
+reference (FISTA with restart); `lasso_batch` solves a whole batch to the same certificate, by
+default with the LASSO homotopy (LARS-LASSO), which is exact after a few path steps.
 """
 from __future__ import annotations
 
@@ -208,32 +210,8 @@ def _lasso_batch_round(X, y, lam, carry, it, gap, limit, threshold, *, check_eve
   return lax.map(run, (X, y, carry, it, gap, threshold), batch_size=min(chunk, X.shape[0]))
 
 
-def lasso_batch(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, check_every: int = 10,
-                first_round: int = 100, chunk: int = 256) -> LassoInfo:
-  """Converged LASSO for a whole batch X (B, n, d), y (B, n): `lasso` without the straggler cost.
-
-  `jax.vmap(lasso)` keeps iterating every instance until the slowest converges (on the paper's
-  setting the median instance needs ~25x fewer iterations than the slowest). Here the batch runs
-  in rounds of doubling length (first_round, 2 first_round, ...); after each round the host
-  drops the certified instances and the rest continue, compacted into a power-of-two bucket (so
-  at most ~log2(B) shapes compile). Within a round, instances run in vmapped chunks of `chunk`
-  so each chunk's matrices stay in cache. Same iterations, stopping rule and certificate as
-  `lasso`; returns a batched `LassoInfo`.
-  """
-  Bshape = _checks.check_ndim("X", X, 3, "(B, n, d): a batch of measurement matrices")
-  yshape = _checks.check_ndim("y", y, 2, f"(B, n) = {Bshape[:2]}")
-  if yshape != Bshape[:2]:
-    raise ValueError(f"y: expected shape {Bshape[:2]} to match X {Bshape}, got {yshape}")
-  if _checks.shape_of("lam", lam) != ():
-    raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
-  _checks.check_nonnegative("lam", lam)
-  tol = _tol_for(X, tol)
-  _checks.check_positive_int("max_iters", max_iters)
-  _checks.check_positive_int("check_every", check_every)
-  _checks.check_positive_int("first_round", first_round)
-  _checks.check_positive_int("chunk", chunk)
-  X, y = jnp.asarray(X), jnp.asarray(y)
-  lam = jnp.asarray(lam, X.dtype)
+def _fista_batch(X, y, lam, tol, *, max_iters, check_every, first_round, chunk):
+  """FISTA-with-restart (`lasso`) on a batch, in rounds with host compaction (see lasso_batch)."""
   carry, it, gap, threshold = _lasso_batch_start(X, y, lam, tol=tol)
   state = jax.tree_util.tree_map(np.array, (carry, it, gap))
   threshold = np.asarray(threshold)
@@ -255,6 +233,351 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, 
     active = active[gap_all[active] > threshold[active]]
     round_len *= 2
   (beta, _, _), iters, gap = state
+  return beta, gap, iters, threshold
+
+
+# --- Homotopy (LARS-LASSO) ------------------------------------------------------------------
+#
+# Arrays inside the kernel are batch-LAST: a vector is (d, C), a matrix (p, q, C), so that every
+# operation is a contiguous, vectorised loop over the C instances of a chunk, and small
+# contractions (matrix-vector products, sums and minima over d) are unrolled into chains of
+# (., C) slices. Two facts about XLA on CPU shape this code. Its reductions over a leading or
+# middle axis compile to loops 10-20x slower than the unrolled chain (which also fuses with its
+# neighbours). And its fusion pass re-computes a cheap producer inside every consumer that reads
+# the producer's elements repeatedly -- a matrix-vector product feeding an outer product or another
+# product would be recomputed d times over. Dividing by `one`, a runtime 1.0 (a jit argument, so
+# it cannot be folded away), marks such a value as expensive to XLA, which then materialises it.
+
+
+def _mv(M, v):
+  """sum_k M[:, k] v[k]: M (p, q, C), v (q, C) -> (p, C)."""
+  acc = M[:, 0] * v[0]
+  for k in range(1, M.shape[1]):
+    acc = acc + M[:, k] * v[k]
+  return acc
+
+
+def _mtv(M, v):
+  """sum_i M[i] v[i]: M (p, q, C), v (p, C) -> (q, C)."""
+  acc = M[0] * v[0]
+  for i in range(1, M.shape[0]):
+    acc = acc + M[i] * v[i]
+  return acc
+
+
+def _fold(op, x):
+  """op-reduction over the leading axis of x, unrolled."""
+  return functools.reduce(op, [x[k] for k in range(x.shape[0])])
+
+
+def _first(hit, dtype):
+  """Smallest k with hit[k] (hit.shape[0] where there is none), per instance, as a float of
+  `dtype` (so that it can be materialised by a division)."""
+  first = jnp.full(hit.shape[1:], hit.shape[0], dtype)
+  for k in reversed(range(hit.shape[0])):
+    first = jnp.where(hit[k], jnp.asarray(k, dtype), first)
+  return first
+
+
+class _PathState(NamedTuple):
+  """Homotopy state, batch-last. The active set lives in m = min(n, d) slots (a LASSO solution in
+  general position has at most n nonzeros): slot t holds variable idx[t] (d when free), its column
+  Xs[:, t], sign ss[t] and coefficient bs[t]; Ks is the inverse of the slots' Gram matrix
+  X_A^T X_A (identity on free slots). steps = 0 marks a fresh start (the rest is then ignored)."""
+  lamc: jax.Array     # (C,) current path level: |X_j^T r| = lamc on the active set
+  Xs: jax.Array       # (n, m, C)
+  Ks: jax.Array       # (m, m, C)
+  idx: jax.Array      # (m, C) int32
+  ss: jax.Array       # (m, C)
+  bs: jax.Array       # (m, C)
+  done: jax.Array     # (C,) bool: reached lam
+  fail: jax.Array     # (C,) bool: numerical breakdown (handed to FISTA)
+  steps: jax.Array    # (C,) int32
+  dropped: jax.Array  # (C,) int32: variable dropped at the last step (-1: none)
+
+
+def _path_zero_state(n, d, C, dtype):
+  m = min(n, d)
+  return _PathState(lamc=np.zeros(C, dtype), Xs=np.zeros((n, m, C), dtype), Ks=np.zeros((m, m, C), dtype),
+                    idx=np.zeros((m, C), np.int32), ss=np.zeros((m, C), dtype), bs=np.zeros((m, C), dtype),
+                    done=np.zeros(C, bool), fail=np.zeros(C, bool), steps=np.zeros(C, np.int32),
+                    dropped=np.zeros(C, np.int32))
+
+
+def _path_resume(st, Xt, yt, xx, lam, one):
+  """Correlations c = X^T r recomputed exactly (no drift is carried between rounds) and the
+  active mask. A fresh instance (steps = 0) starts at the path's first kink: at lam0 =
+  ||X^T y||_inf the argmax j0 enters with beta = 0 (one step); lam >= lam0 means beta = 0 is
+  optimal and the instance is done."""
+  n, d, C = Xt.shape
+  m = st.Ks.shape[0]
+  dt = Xt.dtype
+  fresh = st.steps == 0
+  c0 = _mtv(Xt, yt) / one
+  lam0 = _fold(jnp.maximum, jnp.abs(c0)) / one
+  start = fresh & (lam0 > lam)
+  iod = lax.broadcasted_iota(jnp.int32, (d, C), 0)
+  iom = lax.broadcasted_iota(jnp.int32, (m, C), 0)
+  j0 = (_first(jnp.abs(c0) == lam0[None], dt) / one).astype(jnp.int32)
+  e0 = (iod == j0[None]) & start[None]                                    # (d, C)
+  x0 = _mv(Xt, e0.astype(dt)) / one                                       # column j0
+  slot0 = (iom == 0) & start[None]                                        # (m, C)
+  xx0 = _fold(jnp.add, jnp.where(e0, xx, 0))
+  eye = (lax.broadcasted_iota(jnp.int32, (m, m, 1), 0) == lax.broadcasted_iota(jnp.int32, (m, m, 1), 1))
+  Ks0 = jnp.where(slot0[:, None] & slot0[None, :], 1 / jnp.where(start, xx0, 1)[None, None], eye.astype(dt))
+  idx = jnp.where(fresh[None], jnp.where(slot0, j0[None], d), st.idx)
+  bs = jnp.where(fresh[None], 0, st.bs)
+  Xs = jnp.where(fresh[None, None], jnp.where(slot0[None], x0[:, None], 0), st.Xs)
+  c = jnp.where(fresh[None], c0, _mtv(Xt, (yt - _mv(Xs, bs)) / one)) / one
+  active = _fold(jnp.logical_or, iod[None] == idx[:, None])
+  sgn0 = _fold(jnp.add, jnp.where(e0, jnp.sign(c0), 0))
+  st = _PathState(lamc=jnp.where(fresh, jnp.maximum(lam0, lam), st.lamc), Xs=Xs,
+                  Ks=jnp.where(fresh[None, None], Ks0, st.Ks), idx=idx,
+                  ss=jnp.where(fresh[None], jnp.where(slot0, sgn0[None], 0), st.ss), bs=bs,
+                  done=jnp.where(fresh, ~start, st.done), fail=st.fail & ~fresh,
+                  steps=jnp.where(start, 1, st.steps), dropped=jnp.where(fresh, -1, st.dropped))
+  return st, c, active
+
+
+def _path_step(carry, Xt, xx, lam, limit, one):
+  """One homotopy step: follow the piecewise-linear solution path beta(lamc) down to the next
+  kink -- a variable joins the active set, an active coefficient reaches zero and leaves, or the
+  path reaches lam (done). Along a segment beta_A moves along w = (X_A^T X_A)^{-1} s_A and all
+  correlations c = X^T r change at rate a = X^T X_A w, so each event's step length is closed-form."""
+  st, c, active = carry
+  n, d, C = Xt.shape
+  m = st.Ks.shape[0]
+  dt = Xt.dtype
+  mat = lambda x: x / one
+  inf = jnp.asarray(jnp.inf, dt)
+  iod = lax.broadcasted_iota(jnp.int32, (d, C), 0)
+  iom = lax.broadcasted_iota(dt, (m, C), 0)
+  live = ~st.done & ~st.fail & (st.steps < limit)
+  occ = st.idx < d
+  w = mat(_mv(st.Ks, st.ss))
+  a = mat(_mtv(Xt, mat(_mv(st.Xs, w))))
+  # Entering: inactive j whose c_j - g a_j reaches +(lamc - g) (g_p) or -(lamc - g) (g_m). The
+  # variable dropped at the last step sits exactly on the boundary of its old sign, so that one
+  # candidate (g = 0 up to round-off) is excluded once; it may re-enter with the other sign.
+  # With all m = min(n, d) slots taken nothing can enter: for n < d, X_A is then square and every
+  # inactive j would reach the boundary only at lamc = 0, a tie that round-off must not break early.
+  can_enter = ~active & (xx > 0) & ~_fold(jnp.logical_and, occ)[None]
+  just_dropped = iod == st.dropped[None]
+  den_p, den_m = 1 - a, 1 + a
+  ok_p = can_enter & ~(just_dropped & (c > 0)) & (den_p > 0)
+  ok_m = can_enter & ~(just_dropped & (c <= 0)) & (den_m > 0)
+  g_p = jnp.where(ok_p, jnp.maximum(st.lamc - c, 0) / jnp.where(ok_p, den_p, 1), inf)
+  g_m = jnp.where(ok_m, jnp.maximum(st.lamc + c, 0) / jnp.where(ok_m, den_m, 1), inf)
+  g_in = mat(jnp.minimum(g_p, g_m))
+  # Leaving: an active coefficient moving towards zero reaches it.
+  g_out = mat(jnp.where(occ & (st.bs * w < 0), -st.bs / jnp.where(w != 0, w, 1), inf))
+  gi, go = mat(_fold(jnp.minimum, g_in)), mat(_fold(jnp.minimum, g_out))
+  g_end = st.lamc - lam
+  target = g_end <= jnp.minimum(gi, go)
+  add = live & ~target & (gi <= go)
+  drop = live & ~target & ~(gi <= go)
+  gamma = mat(jnp.where(live, jnp.minimum(g_end, jnp.minimum(gi, go)), 0))
+  bs = st.bs + gamma[None] * w
+  c = c - gamma[None] * a
+  lamc = st.lamc - gamma
+  # Event coordinates, materialised: each is broadcast over (d, C)-sized consumers below.
+  j = mat(_first(g_in == gi[None], dt))          # entering variable
+  t_free = mat(_first(~occ, dt))                 # its slot
+  t = mat(jnp.where(add, t_free, _first(g_out == go[None], dt)))
+  ej = ((iod.astype(dt) == j[None]) & add[None]).astype(dt)
+  et = (iom == t[None]) & (add | drop)[None]
+  etf = et.astype(dt)
+  sgn = mat(_fold(jnp.add, jnp.where(ej > 0, jnp.where(g_p <= g_m, 1.0, -1.0), 0.0).astype(dt)))
+  # Rank-one update of Ks by the block-inverse (Schur complement) formulas: adding x_j with
+  # b = X_A^T x_j, u = Ks b, sigma = |x_j|^2 - b.u gives Ks + (u - e)(u - e)^T / sigma - e e^T;
+  # removing slot t with u = Ks e gives Ks - u u^T / u_t + e e^T.
+  xj = mat(_mv(Xt, ej))
+  b = mat(_mtv(st.Xs, xj))
+  u = mat(_mv(st.Ks, jnp.where(add[None], b, etf)))
+  xjj = _fold(jnp.add, xx * ej)
+  sigma = mat(xjj - _fold(jnp.add, b * u))
+  u_t = mat(_fold(jnp.add, u * etf))
+  den = jnp.where(add, sigma, jnp.where(drop, u_t, 1))
+  z = mat(jnp.where(add[None], u - etf, u) * lax.rsqrt(jnp.abs(den))[None])
+  sz = mat(jnp.where(add, 1.0, jnp.where(drop, -1.0, 0.0)).astype(dt))
+  Ks = st.Ks + sz[None, None] * (z[:, None] * z[None, :] - etf[:, None] * etf[None, :])
+  Xs = jnp.where(et[None], xj[:, None], st.Xs)   # xj = 0 when dropping
+  leaving = mat(_fold(jnp.add, jnp.where(et & drop[None], st.idx.astype(dt), 0))).astype(jnp.int32)
+  idx = jnp.where(et, jnp.where(add, j.astype(jnp.int32), d)[None], st.idx)
+  ss = jnp.where(et, jnp.where(add, sgn, 0)[None], st.ss)
+  bs = jnp.where(et, 0, bs)
+  active = (active | (ej > 0)) & ~((iod == leaving[None]) & drop[None])
+  # A pivot lost to round-off (or a degenerate path: x_j in the span of X_A).
+  bad = ((add & ~(sigma > 1e-6 * xjj)) | (drop & ~(u_t > 0))
+         | ~_fold(jnp.logical_and, jnp.isfinite(bs)))
+  st = _PathState(lamc=lamc, Xs=Xs, Ks=Ks, idx=idx, ss=ss, bs=bs,
+                  done=st.done | (live & target), fail=st.fail | (live & bad),
+                  steps=st.steps + live.astype(jnp.int32),
+                  dropped=jnp.where(drop, leaving, jnp.where(live, -1, st.dropped)))
+  return st, c, active
+
+
+def _path_finish(st, Xt, yt, lam, tol, one):
+  """beta from the slots after two Newton (iterative-refinement) steps on the active set's
+  optimality condition X_A^T r = lam s_A, which remove the round-off the path accumulated; then
+  its duality gap (same formula as `duality_gap`) and the certificate threshold."""
+  n, d, C = Xt.shape
+  mat = lambda x: x / one
+  occ = st.idx < d
+  bs = st.bs
+  for _ in range(2):
+    r = mat(yt - _mv(st.Xs, bs))
+    bs = mat(bs + jnp.where(occ, _mv(st.Ks, jnp.where(occ, _mtv(st.Xs, r) - lam * st.ss, 0)), 0))
+  iod = lax.broadcasted_iota(jnp.int32, (d, C), 0)
+  beta = mat(_fold(jnp.add, jnp.where(iod[None] == st.idx[:, None], bs[:, None], 0)))
+  r = mat(yt - _mv(Xt, beta))
+  g = mat(_mtv(Xt, r))
+  s = jnp.minimum(1.0, lam / jnp.maximum(_fold(jnp.maximum, jnp.abs(g)), jnp.finfo(Xt.dtype).tiny))
+  gap = 0.5 * (1.0 - s) ** 2 * _fold(jnp.add, r * r) + _fold(jnp.add, lam * jnp.abs(beta) - s * beta * g)
+  threshold = tol * jnp.maximum(1.0, 0.5 * _fold(jnp.add, yt * yt))
+  return beta, gap, threshold
+
+
+@functools.partial(jax.jit, static_argnames=("tol",))
+def _homotopy_chunk(Xt, yt, state, lam, limit, one, *, tol):
+  """Runs the path of each instance of a chunk (Xt (n, d, C), yt (n, C), state: batch-last) until
+  it reaches lam, fails or has taken `limit` steps. Returns the state and the refined beta (d, C),
+  gap and threshold (meaningful where done). Zero padding rows (X = 0, y = 0, fresh state) are
+  done at once: lam >= ||X^T y||_inf = 0."""
+  n, d, C = Xt.shape
+  xx = _mtv(Xt * Xt, jnp.ones((n, C), Xt.dtype)) / one
+  st, c, active = _path_resume(state, Xt, yt, xx, lam, one)
+  st, _, _ = lax.while_loop(lambda s: jnp.any(~s[0].done & ~s[0].fail & (s[0].steps < limit)),
+                            lambda s: _path_step(s, Xt, xx, lam, limit, one), (st, c, active))
+  return (st,) + _path_finish(st, Xt, yt, lam, tol, one)
+
+
+def _homotopy_batch(X, y, lam, tol, *, max_steps, chunk):
+  """Host driver: rounds of growing step limits (8, 12, 18, ...); after each round the finished
+  instances are recorded and the rest continue, regrouped into full chunks, so a chunk's while
+  loop is not held up by the rare long path (median 6 steps, max ~25 on the paper's setting).
+  One compiled kernel of fixed chunk size serves every round. Chunks are transposed to batch-last
+  here, by NumPy: inside the kernel XLA keeps a transposed X as a strided view (a free "bitcast"
+  layout) that every consumer outside the while loop then reads element by element."""
+  X, y = np.asarray(X), np.asarray(y)
+  B, n, d = X.shape
+  C = min(chunk, 1 << (B - 1).bit_length())
+  one = jnp.ones((), X.dtype)
+  beta = np.zeros((B, d), X.dtype)
+  gap = np.full(B, np.inf, X.dtype)
+  threshold = np.zeros(B, X.dtype)
+  steps = np.zeros(B, np.int32)
+  zero = jax.device_put(_path_zero_state(n, d, C, X.dtype))
+  pos, state = np.arange(B), None   # state: batch-last arrays for the rows `pos`; None = fresh
+  limit = 0
+  while pos.size and limit < max_steps:
+    limit = min(max(8, limit + limit // 2), max_steps)
+    last = limit >= max_steps
+    limit_arr = jnp.asarray(limit, jnp.int32)
+    kept = []
+
+    def collect(rows, out):
+      st, b, g, thr = out
+      k = rows.size
+      st = _PathState(*(np.asarray(a)[..., :k] for a in st))
+      stop = st.done | st.fail | last
+      fin = rows[stop]
+      beta[fin] = np.asarray(b)[:, :k][:, stop].T
+      gap[fin] = np.where(st.done[stop], np.asarray(g)[:k][stop], np.inf)
+      threshold[rows] = np.asarray(thr)[:k]
+      steps[rows] = st.steps
+      go = np.flatnonzero(~stop)
+      kept.append((rows[go], _PathState(*(a[..., go] for a in st))))
+
+    pending = None
+    for i in range(0, pos.size, C):
+      rows = pos[i:i + C]
+      k = rows.size
+      Xc, yc = (X[i:i + C], y[i:i + C]) if state is None else (X[rows], y[rows])
+      sc = zero if state is None else _PathState(*(a[..., i:i + C] for a in state))
+      if k < C:   # the last, partial chunk: zero padding (a fresh zero state)
+        Xc = np.concatenate([Xc, np.zeros((C - k, n, d), X.dtype)])
+        yc = np.concatenate([yc, np.zeros((C - k, n), y.dtype)])
+        if state is not None:
+          sc = _PathState(*(np.concatenate([a, np.zeros(a.shape[:-1] + (C - k,), a.dtype)], axis=-1) for a in sc))
+      Xt, yt = np.ascontiguousarray(Xc.transpose(1, 2, 0)), np.ascontiguousarray(yc.T)
+      out = _homotopy_chunk(Xt, yt, sc, lam, limit_arr, one, tol=tol)
+      # Results are read one chunk behind the dispatch, so host work overlaps the next chunk's
+      # (asynchronous) kernel where a second core is free, and memory stays at two chunks.
+      if pending is not None:
+        collect(*pending)
+      pending = rows, out
+    collect(*pending)
+    pos = np.concatenate([r for r, _ in kept])
+    state = _PathState(*(np.concatenate(leaves, axis=-1) for leaves in zip(*(s for _, s in kept))))
+  return beta, gap, steps, threshold
+
+
+def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy", max_steps: int | None = None,
+                max_iters: int = 20000, check_every: int = 10, first_round: int = 100,
+                chunk: int = 256) -> LassoInfo:
+  """Converged LASSO for a whole batch X (B, n, d), y (B, n), each instance minimising
+  (1/2)||y - X beta||^2 + lam ||beta||_1 (section 4.1), with the same certificate as `lasso`:
+  duality_gap(beta) <= tol * max(1, (1/2)||y||^2). Returns a batched `LassoInfo`.
+
+  method="homotopy" (default): the LASSO homotopy / LARS-LASSO algorithm (Osborne, Presnell &
+  Turlach 2000; Efron et al. 2004). The solution path beta(lam') is piecewise linear in lam';
+  starting from beta = 0 at lam' = ||X^T y||_inf it is followed kink by kink (a variable enters
+  or leaves the active set) down to lam, each kink costing a few small matrix-vector products
+  (O(n d)) and a rank-one update of the active set's inverse Gram matrix. It is exact after
+  finitely many kinks -- on the paper's setting (d = 20, n = 10, lam = 0.1) median 6, mean 7,
+  max 25 -- while first-order methods need 10^2-10^3 iterations of similar cost (FISTA: median
+  ~120; coordinate descent, scikit-learn's `Lasso` algorithm: median ~110 sweeps, some instances
+  over 3000), so it is much cheaper per certified instance. The path's end point gets two Newton
+  refinement steps and its duality gap is checked; an instance the path cannot certify (a
+  degenerate path, round-off accumulated in float32 over a long path, or more than `max_steps`
+  kinks -- about 1 in 10^5 paper instances) is solved again by the FISTA method below.
+  `num_iters` counts path steps (plus FISTA iterations for such an instance). `max_steps`
+  defaults to 10 min(n, d) + 10.
+
+  method="fista": the `lasso` solver (FISTA with restart) on every instance. A vmapped batch would
+  iterate until its slowest instance converges (the median instance needs ~25x fewer iterations
+  than the slowest); instead the batch runs in rounds of doubling length (first_round,
+  2 first_round, ...), the host dropping certified instances after each round and compacting the
+  rest into a power-of-two bucket. Same iterations and stopping rule as `lasso`; `num_iters`
+  counts FISTA iterations. `max_iters`, `check_every` and `first_round` also apply to the
+  homotopy's FISTA fallback.
+
+  Both methods process instances in chunks of `chunk`, sized so a chunk's data stays in cache.
+  """
+  Bshape = _checks.check_ndim("X", X, 3, "(B, n, d): a batch of measurement matrices")
+  yshape = _checks.check_ndim("y", y, 2, f"(B, n) = {Bshape[:2]}")
+  if yshape != Bshape[:2]:
+    raise ValueError(f"y: expected shape {Bshape[:2]} to match X {Bshape}, got {yshape}")
+  if _checks.shape_of("lam", lam) != ():
+    raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
+  _checks.check_nonnegative("lam", lam)
+  tol = _tol_for(X, tol)
+  if method not in ("homotopy", "fista"):
+    raise ValueError(f"method: expected 'homotopy' or 'fista', got {method!r}")
+  if max_steps is None:
+    max_steps = 10 * min(Bshape[1:]) + 10
+  _checks.check_positive_int("max_steps", max_steps)
+  _checks.check_positive_int("max_iters", max_iters)
+  _checks.check_positive_int("check_every", check_every)
+  _checks.check_positive_int("first_round", first_round)
+  _checks.check_positive_int("chunk", chunk)
+  X = jnp.asarray(X)
+  y = jnp.asarray(y, X.dtype)
+  lam = jnp.asarray(lam, X.dtype)
+  fista_args = dict(max_iters=max_iters, check_every=check_every, first_round=first_round, chunk=chunk)
+  if Bshape[0] == 0:
+    z = jnp.zeros((0,), X.dtype)
+    return LassoInfo(jnp.zeros((0, Bshape[2]), X.dtype), z, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+  if method == "fista":
+    beta, gap, iters, threshold = _fista_batch(X, y, lam, tol, **fista_args)
+  else:
+    beta, gap, iters, threshold = _homotopy_batch(X, y, lam, tol, max_steps=max_steps, chunk=chunk)
+    redo = np.flatnonzero(~(gap <= threshold))
+    if redo.size:
+      sel = jnp.asarray(redo)
+      b, g, it, _ = _fista_batch(X[sel], y[sel], lam, tol, **fista_args)
+      beta[redo], gap[redo], iters[redo] = b, g, iters[redo] + it
   return LassoInfo(jnp.asarray(beta), jnp.asarray(gap), jnp.asarray(iters), jnp.asarray(gap <= threshold))
 
 

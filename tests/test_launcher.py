@@ -29,6 +29,9 @@ STEPS, SPC = 40, 5
     ({"lista_train.steps_per_epoch": 7}, r"lista_train.steps_per_epoch: expected a multiple of lista_train.steps_per_call=20"),
     ({"seeds": 0}, r"seeds: expected an integer >= 1"),
     ({"fig1b.support": 30}, r"fig1b.support: expected problem.s=3 <= support <= problem.d=20"),
+    ({"eval.prompt_lengths": "2,0,20"}, r"eval.prompt_lengths: expected positive integers \(n >= 1 demonstrations\), got 0"),
+    ({"eval.prompt_lengths": "-3"}, r"eval.prompt_lengths: expected positive integers .*, got -3"),
+    ({"eval.prompt_lengths": "2,x"}, r"eval.prompt_lengths: expected comma-separated integers, got '2,x'"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -38,6 +41,16 @@ def test_config_validation_names_field_and_allowed_values(overrides, message):
     (c[section] if section else c)[name] = value
   with pytest.raises(runner.ConfigError, match=message):
     runner.validate(c)
+
+
+def test_prompt_lengths_may_exceed_training_n():
+  c = quick.get_config()
+  assert max(runner._lengths(c)) > c.problem.n  # the quick preset goes beyond N = 10
+  c.eval.prompt_lengths = "40,3,3"
+  runner.validate(c)
+  assert runner._lengths(c) == [3, 40]
+  c.eval.prompt_lengths = ""
+  assert runner._lengths(c) == list(range(1, 2 * c.problem.n + 1))  # default: 1..2N
 
 
 def test_main_stops_on_missing_workdir_and_bad_config():
@@ -119,7 +132,7 @@ def tiny_config():
   c.lista.num_layers = 2
   c.lista_train.steps, c.lista_train.batch, c.lista_train.matrices_per_batch = 20, 32, 4
   c.lista_train.steps_per_epoch = c.lista_train.steps_per_call = c.lista_train.checkpoint_every = 10
-  c.eval.num_tasks, c.eval.curve_tasks, c.eval.prompt_lengths = 64, 32, "2,4"
+  c.eval.num_tasks, c.eval.curve_tasks, c.eval.prompt_lengths = 64, 32, "2,4,6"  # N = 4: 6 is beyond
   c.fig1b.support = 4
   return c
 
@@ -141,7 +154,8 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
                              [m["test_pred_error"] for m in metrics], rtol=1e-6)
   res = json.load(open(job / "results.json"))
   assert res["steps"] == 20 and res["seeds"] == [0] and np.isfinite(res["pred_error"]["mean"])
-  assert sorted(res["per_prompt_length"]) == ["2", "4"]
+  assert sorted(res["per_prompt_length"]) == ["2", "4", "6"]  # LISTA-VM takes any n, also beyond N = 4
+  assert "per_prompt_length_skipped" not in res
   assert out["jobs"]["lista_vm"]["pred_error"] == res["pred_error"]
   assert checkpoint.Checkpointer(job / "checkpoints").steps() == [10, 20]
   assert any("instances/s" in line for line in logs)
@@ -167,6 +181,32 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
     assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   text = open(md).read()
   assert "Figure 3" in text and f"{metrics[-1]['test_pred_error']:.4g}" in text
+  assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
+
+
+def test_prompt_lengths_beyond_training_n_per_model():
+  """Small TF (no positional encoding) and the references take every n, also beyond N; GPT-2 only
+  n <= max_points - 1 = N (its learned position table); the skipped lengths are recorded."""
+  c = tiny_config()  # N = 4, prompt lengths 2, 4, 6
+  task, ppl_task = runner.test_tasks(c, c.eval.num_tasks, salt=2), runner.prompt_length_tasks(c)
+  assert task.X.shape[1] == 4 and ppl_task.X.shape[1] == 6
+  from l2o_jax import transformer
+  tiny = {"small_tf": dict(num_layers=1, num_heads=1, readout="query"), "gpt2": dict(num_layers=1, width=8, num_heads=1)}
+  rng = np.random.default_rng(0)
+  for method, lengths, skipped in (("small_tf", [2, 4, 6], None), ("gpt2", [2, 4], [6])):
+    job = runner.Job(method, readout="query" if method == "small_tf" else None)
+    # Random weights of init_params' shapes (max_points = N + 1 for GPT-2) without compiling init.
+    shapes = jax.eval_shape(lambda: transformer.init_params(method, jax.random.key(0), d=c.problem.d, n=c.problem.n,
+                                                            **tiny[method]))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
+    out = runner.evaluate_job(c, job, params, task, full=True, ppl_task=ppl_task)
+    assert sorted(out["per_prompt_length"]) == lengths and np.all(np.isfinite(list(out["per_prompt_length"].values())))
+    assert out["pred_error"] == pytest.approx(transformer.evaluate(method, params, task)["pred_error"])  # N-demo set
+    assert runner.prompt_length_note(c, job, params).get("per_prompt_length_skipped") == skipped
+  assert out["per_prompt_length"][4] == pytest.approx(  # GPT-2: the first 4 demonstrations of the long set
+      transformer.evaluate("gpt2", params, ppl_task._replace(X=ppl_task.X[:, :4], y=ppl_task.y[:, :4]))["pred_error"])
+  refs = runner.reference_prompt_lengths(c)
+  assert {k: sorted(v) for k, v in refs.items()} == {f"{m}_per_prompt_length": [2, 4, 6] for m in ("ista", "fista", "lasso")}
 
 
 

@@ -85,3 +85,14 @@ def test_relu_mlp_matches_loop():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_dense_matches_matmul_and_its_gradients():
+  from l2o_jax.ops import dense
+  x = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  w = jax.random.normal(jax.random.key(1), (4, 6))
+  g = jax.random.normal(jax.random.key(2), (3, 5, 6))
+  np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
+  f = lambda fn: jax.grad(lambda x, w: jnp.sum(fn(x, w) * g), argnums=(0, 1))(x, w)
+  for a, b in zip(f(dense), f(lambda x, w: x @ w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

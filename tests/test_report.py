@@ -68,7 +68,11 @@ def _job(method, err, *, support=None, readout=None, K=None, curve=True, fixed=N
   out = {"job": runner.Job(method, support=support, readout=readout, num_layers=K).name, "method": method,
          "support": support, "readout": readout, "num_layers": K,
          "family": "tf" if method in runner.TF_METHODS else "lista", "steps": 100, "seeds": [0, 1],
-         "pred_error": _stats(err), "per_prompt_length": {str(n): _stats(err * 10 / n) for n in (2, 4, 6, 8, 10)}}
+         "pred_error": _stats(err), "per_prompt_length": {str(n): _stats(err * 10 / n) for n in (2, 4, 6, 8, 10, 15, 20)}}
+  if method == "gpt2":  # positions for N + 1 = 11 points only: lengths beyond N are not evaluated
+    out["per_prompt_length"] = {n: v for n, v in out["per_prompt_length"].items() if int(n) <= 10}
+    out["per_prompt_length_skipped"] = [15, 20]
+    out["per_prompt_length_note"] = "its learned position table holds max_points = 11 points"
   if fixed is not None:
     out["pred_error_fixed_x"] = _stats(fixed)
   if K is not None:
@@ -98,7 +102,7 @@ def test_report_writes_every_figure_and_table(tmp_path):
           "ista_per_k": {str(k): 2.0 / k ** 0.5 for k in (1, 2, 4, 8, 16)},
           "fista_per_k": {str(k): 1.5 / k for k in (1, 2, 4, 8, 16)},
           "ista_per_layer": [2.0 / k for k in range(1, 13)], "fista_per_layer": [1.5 / k for k in range(1, 13)],
-          **{f"{m}_per_prompt_length": {str(n): 5.0 / n for n in (2, 4, 6, 8, 10)} for m in ("ista", "fista", "lasso")}}
+          **{f"{m}_per_prompt_length": {str(n): 5.0 / n for n in (2, 4, 6, 8, 10, 15, 20)} for m in ("ista", "fista", "lasso")}}
   writers.write_json(str(wd / "results.json"), {"references": {"none": refs, "support10": refs},
                                                  "classical_table": "| lam | ISTA |\n|---|---|\n| 0.1 | 1.2 |"})
   figures, md = report.report([str(wd)], str(tmp_path / "out"))
@@ -112,6 +116,11 @@ def test_report_writes_every_figure_and_table(tmp_path):
   assert "| LISTA | 6 ± 0.6 | 0.05 ± 0.005 |" in text       # varying X and the training X
   assert "| 16 | 0.125 | 0.125 | 0.5 | 0.09375 |" in text    # layers table row
   assert "| 0.1 | 1.2 |" in text                             # classical table carried over
+  # Prompt lengths beyond the training N = 10 (quick preset): marked, GPT-2's missing ones explained.
+  assert "| method | n=2 | n=4 | n=6 | n=8 | n=10 | n=15 | n=20 |" in text
+  assert "| GPT-2 | 1 | 0.5 | 0.333 | 0.25 | 0.2 |  |  |" in text
+  assert "GPT-2: n = 15, 20 left blank; its learned position table holds max_points = 11 points." in text
+  assert text.count("Columns n > N = 10 lie beyond the training prompt length") == 2  # prompt length, fig1c
   for name in names:
     assert f"]({name})" in text
 

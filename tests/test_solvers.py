@@ -1,4 +1,6 @@
 """ISTA / FISTA / converged LASSO against scikit-learn; duality gap; vmap and jit; bad input."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +136,7 @@ def test_bad_input(instances, call, match):
 
 def test_lasso_batch_equals_vmapped_lasso():
   t = L.sample_tasks(jax.random.key(4), 300, d=20, n=10, s=3)
-  info = L.lasso_batch(t.X, t.y, 0.1, first_round=20, chunk=64)
+  info = L.lasso_batch(t.X, t.y, 0.1, method="fista", first_round=20, chunk=64)
   ref = jax.vmap(lambda X, y: L.lasso(X, y, 0.1, return_info=True))(t.X, t.y)
   assert bool(jnp.all(info.converged)) and info.beta.shape == (300, 20)
   # Same iterations from the same start: an instance stops at its first certified check either way.
@@ -144,3 +146,85 @@ def test_lasso_batch_equals_vmapped_lasso():
     L.lasso_batch(t.X[0], t.y[0], 0.1)
   with pytest.raises(ValueError, match="y: expected shape"):
     L.lasso_batch(t.X, t.y[:5], 0.1)
+
+
+def _rel_gaps(X, y, beta, lam):
+  """duality_gap / max(1, ||y||^2 / 2) per instance, in float64 NumPy (the certificate's scale)."""
+  X, y, beta = (np.asarray(a, np.float64) for a in (X, y, beta))
+  with jax.enable_x64():
+    gap = jax.vmap(lambda a, b, c: L.duality_gap(a, b, c, lam))(jnp.asarray(X), jnp.asarray(y), jnp.asarray(beta))
+  return np.asarray(gap) / np.maximum(1.0, 0.5 * np.sum(y * y, axis=1))
+
+
+def test_lasso_batch_homotopy_matches_sklearn_float64():
+  # Paper-shaped instances (n < d, unique solutions for lam > 0); lam = 1e3 > ||X^T y||_inf makes
+  # beta = 0 optimal. One compile: lam is a runtime argument.
+  t = L.sample_tasks(jax.random.key(5), 8, d=20, n=10, s=3)
+  X, y = np.asarray(t.X, np.float64), np.asarray(t.y, np.float64)
+  with jax.enable_x64():
+    for lam in (0.05, 0.5, 1e3):
+      info = L.lasso_batch(jnp.asarray(X), jnp.asarray(y), lam)
+      assert info.beta.dtype == jnp.float64 and bool(jnp.all(info.converged))
+      assert np.all(_rel_gaps(X, y, info.beta, lam) <= 1e-10)
+      for k in range(X.shape[0]):
+        np.testing.assert_allclose(info.beta[k], sklearn_lasso(X[k], y[k], lam), atol=1e-5)
+  np.testing.assert_array_equal(info.beta, 0.0)          # lam = 1e3: the all-zero solution
+  np.testing.assert_array_equal(info.num_iters, 0)       # ... found without a path step
+
+
+def test_lasso_batch_homotopy_lam0_least_squares_float64():
+  # Overdetermined (n > d): the lam = 0 path ends at the least-squares solution, with all d
+  # variables active; scikit-learn's coordinate descent (alpha = 0) and lstsq agree. Noiseless, as
+  # the certificate needs: at lam = 0 the dual point s r has s = 0, so the gap is (1/2)||r||^2.
+  rng = np.random.default_rng(6)
+  X = rng.normal(size=(4, 30, 8))
+  y = np.einsum("bnd,bd->bn", X, rng.normal(size=(4, 8)))
+  with jax.enable_x64():
+    info = L.lasso_batch(jnp.asarray(X), jnp.asarray(y), 0.0)
+    assert bool(jnp.all(info.converged))
+    for k in range(X.shape[0]):
+      np.testing.assert_allclose(info.beta[k], np.linalg.lstsq(X[k], y[k], rcond=None)[0], atol=1e-8)
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # scikit-learn advises LinearRegression for alpha = 0
+        np.testing.assert_allclose(info.beta[k], sklearn_lasso(X[k], y[k], 0.0), atol=1e-5)
+
+
+def test_lasso_batch_homotopy_float32_certified_and_matches_fista():
+  # All float32 cases share one chunk shape (16 instances of (10, 20)), so the homotopy kernel
+  # compiles once; 4 chunks, and later rounds regroup the longer paths into a partial chunk.
+  t = L.sample_tasks(jax.random.key(7), 64, d=20, n=10, s=3)
+  X, y, lam = np.array(t.X), np.array(t.y), 0.1
+  X[3, :, 5] = 0.0                      # a zero column: variable 5 can never enter
+  X[4], y[4] = 0.0, 0.0                 # X = 0, y = 0: beta = 0
+  info = L.lasso_batch(X, y, lam, chunk=16)
+  ref = jax.vmap(lambda a, b: L.lasso(a, b, lam, return_info=True))(X, y)
+  assert info.beta.dtype == jnp.float32 and bool(jnp.all(info.converged)) and bool(jnp.all(ref.converged))
+  # The certificate: float64 gaps within the tolerance (float32 round-off of the gap itself aside).
+  assert np.all(_rel_gaps(X, y, info.beta, lam) <= 1.5e-5)
+  assert float(jnp.max(jnp.abs(info.beta[3, 5]))) == 0.0 and float(jnp.max(jnp.abs(info.beta[4]))) == 0.0
+  # Both solutions are within the certificate of the optimum, so their objectives agree to it.
+  obj = lambda b: np.asarray(jax.vmap(lambda a, c, e: L.lasso_objective(a, c, e, lam))(X, y, b), np.float64)
+  scale = np.maximum(1.0, 0.5 * np.sum(np.asarray(y, np.float64) ** 2, axis=1))
+  assert np.all(np.abs(obj(info.beta) - obj(ref.beta)) <= 2e-5 * scale)
+  np.testing.assert_allclose(info.beta, ref.beta, atol=2e-2)
+  # Path steps: the paper setting needs a handful of kinks, not FISTA's hundreds of iterations.
+  assert int(jnp.max(info.num_iters)) <= 40 and float(jnp.median(info.num_iters)) < float(jnp.median(ref.num_iters))
+  # Instances whose path is cut short (max_steps) are finished by FISTA, with the same certificate.
+  short = L.lasso_batch(X, y, lam, max_steps=2, chunk=16)
+  assert bool(jnp.all(short.converged)) and np.all(_rel_gaps(X, y, short.beta, lam) <= 1.5e-5)
+  assert int(jnp.max(short.num_iters)) > 40   # path steps + FISTA iterations
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="cd"), "method: expected 'homotopy' or 'fista'"),
+    (dict(max_steps=0), "max_steps: expected an integer >= 1"),
+    (dict(chunk=0), "chunk: expected an integer >= 1"),
+    (dict(tol=-1.0), "tol: expected a positive float"),
+    (dict(lam=-0.1), "lam: expected values >= 0"),
+    (dict(lam=np.ones(2)), "lam: expected a scalar"),
+])
+def test_lasso_batch_bad_input(kwargs, match):
+  X, y = np.ones((3, 4, 5), np.float32), np.ones((3, 4), np.float32)
+  lam = kwargs.pop("lam", 0.1)
+  with pytest.raises(ValueError, match=match):
+    L.lasso_batch(X, y, lam, **kwargs)

@@ -83,7 +83,10 @@ def base() -> ml_collections.ConfigDict:
   c.eval.curve_tasks = 1024       # test instances for the error-vs-training-step curves
   c.eval.lam = 0.1                # lam of the ISTA / FISTA / LASSO references
   c.eval.iters = 12               # K of the ISTA / FISTA references (paper: 12)
-  c.eval.prompt_lengths = ""      # n values of the prompt-length curves ("" = 1..N)
+  c.eval.prompt_lengths = ""      # n values of the prompt-length curves ("" = 1..2N); values > N test
+                                  # generalisation beyond the training length, on their own test set
+                                  # of max(n) demonstrations. No separate max-length field: the list
+                                  # sets it. GPT-2 is evaluated up to its position table (n <= N only).
   c.eval.classical_lams = "0.01,0.03,0.1,0.3,1.0"  # lam values of the classical table
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -34,7 +34,7 @@ def get_config():
 
   c.eval.num_tasks = 1024
   c.eval.curve_tasks = 256
-  c.eval.prompt_lengths = "2,4,6,8,10"
+  c.eval.prompt_lengths = "2,4,6,8,10,15,20"  # N = 10: 15 and 20 are beyond the training length
   c.eval.classical_lams = "0.01,0.1,1.0"
   c.log_every_s = 15.0
   return c

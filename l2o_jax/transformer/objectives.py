@@ -17,6 +17,7 @@ from l2o_jax import _checks
 from l2o_jax.tasks import Task, sample_tasks
 from l2o_jax.train import Objective
 from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
+from l2o_jax.transformer.small_tf import _predict_batch as _small_tf_predict_batch
 
 MODELS = ("small_tf", "gpt2")
 LOSSES = ("query", "all")
@@ -52,6 +53,13 @@ def predict(model: str, params, X, y, x_query) -> jax.Array:
   return _gpt2().predict(params, X, y, x_query)
 
 
+def _predict_batch(model: str, params, X, y, x_query) -> jax.Array:
+  """(B, N+1) predictions for a batch, unchecked (the objective's hot path)."""
+  if model == "small_tf":
+    return _small_tf_predict_batch(params, X, y, x_query)
+  return _gpt2()._predict_batch(params, X, y, x_query)
+
+
 def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=None,
                    batch: int = 64, readout: str = "query", loss_on: str = "query",
                    noise_std: float = 0.0, **model_kwargs) -> Objective:
@@ -83,7 +91,9 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
     return sample_tasks(key, batch, d=d, n=n, s=s, support=support, noise_std=noise_std)
 
   def loss(params, task: Task):
-    preds = jax.vmap(lambda X, y, q: predict(model, params, X, y, q))(task.X, task.y, task.x_query)
+    # Batch-major forward passes: each weight meets all B * T tokens in one GEMM, and the weight
+    # gradients of `ops.dense` stay single GEMMs (under vmap they would be B small ones).
+    preds = _predict_batch(model, params, task.X, task.y, task.x_query)
     if loss_on == "query":
       return jnp.mean((task.y_query - preds[:, -1]) ** 2)
     targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
@@ -107,8 +117,14 @@ def _prefix_errors_fn(model: str):
     preds = jax.vmap(with_n)(jnp.arange(N + 1))
     return (y_query - preds) ** 2
 
-  return jax.jit(lambda params, task: jnp.mean(
-      jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params, task.X, task.y, task.x_query, task.y_query), axis=0))
+  def errors(params, task):
+    # Chunks of 64 instances bound the memory: one pass per prompt length keeps (N+1) copies of
+    # every prompt's attention scores, ~2 GB per layer for 4096 prompts of 20 demonstrations.
+    per_task = jax.lax.map(lambda t: one(params, *t), (task.X, task.y, task.x_query, task.y_query),
+                           batch_size=64)
+    return jnp.mean(per_task, axis=0)
+
+  return jax.jit(errors)
 
 
 def evaluate(model: str, params, task: Task) -> dict:

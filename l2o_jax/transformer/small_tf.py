@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from l2o_jax import _checks
-from l2o_jax.ops import _attention, _mlp
+from l2o_jax.ops import _attention, _mlp, causal_mask, dense
 from l2o_jax.transformer import readout as ro
-from l2o_jax.transformer.embedding import _embed, dim_from_D, embed, model_dim
+from l2o_jax.transformer.embedding import _embed, beta_rows, dim_from_D, embed, model_dim
 
 READOUTS = ("linear", "query", "query_dagger")
 
@@ -79,6 +79,46 @@ def _forward(params, H, *, return_all=False):
 
   H_out, all_H = lax.scan(block, H, params)
   return all_H if return_all else H_out
+
+
+def _forward_rows(params, H):
+  """`_forward` for a batch in token-major layout: H (B, T, D) -> (B, T, D). Same blocks.
+
+  For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
+  weight gradient is a canonical GEMM on XLA:CPU), instead of B small (D, D) x (D, T) products
+  under vmap. Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_small_tf.py).
+  """
+  B, T, D = H.shape
+  mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
+
+  def block(H, p):
+    a, m = p["attn"], p["mlp"]
+    M = a["Q"].shape[0]
+    # score(j -> i) = h_j^T (K_m^T Q_m) h_i, as in ops._attention; G holds (K_m^T Q_m) h_i for
+    # every head, so the scores are one batched (T M, D) x (D, T) product per instance.
+    A = jnp.einsum("med,mef->mdf", a["K"], a["Q"])
+    G = dense(H, jnp.transpose(A, (2, 0, 1)).reshape(D, M * D)).reshape(B, T, M, D)
+    weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G, H)) * mask
+    U = dense(H, jnp.transpose(a["V"], (2, 0, 1)).reshape(D, M * D)).reshape(B, T, M, D)
+    H = H + jnp.einsum("bimj,bjme->bie", weights, U)    # sum over heads m and keys j <= i
+    Z = jax.nn.relu(dense(H, m["W1"].T) + m["b"])
+    return H + dense(Z, m["W2"].T), None
+
+  return lax.scan(block, H, params)[0]
+
+
+def _predict_batch(params, X, y, x_query):
+  """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
+  `jax.vmap(_predict)` in the layout of `_forward_rows` (the training objective's hot path)."""
+  H = jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)          # (B, T, D)
+  Hq = _forward_rows(params["body"], H)[:, 0::2]                   # x-tokens 2i-1: (B, N+1, D)
+  kind = readout_kind(params)
+  if kind == "linear":
+    return Hq @ params["v"]
+  Xt = jnp.concatenate([X, x_query[:, None]], axis=1)             # (B, N+1, d)
+  if kind == "query":
+    return jnp.einsum("bti,ij,btj->bt", Hq, params["V"], Xt)
+  return jnp.einsum("btj,btj->bt", Hq[..., beta_rows(X.shape[-1])], Xt)
 
 
 def readout_kind(params) -> str:
