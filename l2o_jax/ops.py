@@ -106,8 +106,12 @@ def _dense_fwd(x, w):
 def _dense_bwd(res, g):
   x, w = res
   K, N = w.shape
-  xt = jax.lax.optimization_barrier(x.reshape(-1, K).T)
-  return g @ w.T, xt @ g.reshape(-1, N)
+  x2, g2 = x.reshape(-1, K), g.reshape(-1, N)
+  if N < K:   # transpose the narrower of the two token-major operands (copies T * min(K, N))
+    dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+  else:
+    dw = jax.lax.optimization_barrier(x2.T) @ g2
+  return g @ w.T, dw
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
