@@ -96,3 +96,9 @@ def test_dense_matches_matmul_and_its_gradients():
   f = lambda fn: jax.grad(lambda x, w: jnp.sum(fn(x, w) * g), argnums=(0, 1))(x, w)
   for a, b in zip(f(dense), f(lambda x, w: x @ w)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_benchmark_dense_smoke():
+  from benchmarks import micro
+  rows = micro.bench_dense(1, T=8, K=4, N=6)
+  assert {"ops.dense"} <= set(rows) and all(lo > 0 for lo, _ in rows.values())

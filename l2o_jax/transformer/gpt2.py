@@ -14,12 +14,12 @@ the n + 1 predictions (y_1, ..., y_n, y_{n+1}), the last one being the query's. 
 
 Everything is a pure function of a params pytree, float32. The per-layer weights are stacked
 along a leading axis and the blocks run under `lax.scan`, so a 12-layer model compiles one
-block; under autodiff each block keeps only its matmul outputs (`jax.checkpoint`, dots_saveable). The forward pass is batch-major (B, T, width) with one fused QKV matmul per block over
-all B * T tokens. Measured on 2 CPU cores (batch 64, N = 10; benchmarks/run.py): scan costs
-1.95 CPU-s per gradient against 2.4 for the fully unrolled stack, and compiles 4x faster; the
-hand-written causal softmax beat `jax.nn.dot_product_attention(implementation="xla")` (1.3 s
-against 2.3 s per train step) at these short sequences (T = 21), so it is the default; on GPU
-`attention="cudnn"` is available. The whole step is matmul-bound: ~75 GFLOP per step.
+block; under autodiff each block keeps only its matmul outputs (`remat`). The forward pass is
+batch-major (B, T, width) with one fused QKV matmul per block over all B * T tokens. The
+defaults (scan not unrolled, remat on, the hand-written causal softmax rather than
+`jax.nn.dot_product_attention(implementation="xla")`) are the fastest on CPU by
+`python -m benchmarks.micro --only=gpt2` (numbers in BUILD_NOTES); on GPU `attention="cudnn"`
+is available. The whole step is matmul-bound: ~75 GFLOP per step.
 """
 from __future__ import annotations
 
@@ -188,20 +188,20 @@ def _block(h, p, impl):
   return h + dense(m, p["out_w"]) + p["out_b"]
 
 
-def forward(params, tok, *, attention: str = "einsum", unroll: int = 1):
+def forward(params, tok, *, attention: str = "einsum", unroll: int = 1, remat: bool = True):
   """Unchecked batch forward pass: tokens (B, T, d) -> read-out at every token (B, T).
 
   attention: "einsum" (hand-written causal softmax), "xla" or "cudnn"
-  (`jax.nn.dot_product_attention`); unroll: `lax.scan` unroll factor over the layers.
+  (`jax.nn.dot_product_attention`); unroll: `lax.scan` unroll factor over the layers;
+  remat: under autodiff, save only each block's matmul outputs and recompute its LayerNorms,
+  GELU and softmax in the backward pass (fewer stacked residuals for the layer scan to write
+  and read; identical gradients).
   """
   T = tok.shape[1]
   h = tok @ params["read_in"]["w"] + params["read_in"]["b"] + params["wpe"][:T]
-
-  # Under autodiff, save only the matmul outputs of each block and recompute its LayerNorms,
-  # GELU and softmax in the backward pass: fewer stacked residuals for the layer scan to write
-  # and read (2 CPU cores: value_and_grad 878 -> 711 ms per batch of 64; identical gradients).
-  block = jax.checkpoint(functools.partial(_block, impl=attention),
-                         policy=jax.checkpoint_policies.dots_saveable)
+  block = functools.partial(_block, impl=attention)
+  if remat:
+    block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_saveable)
 
   def body(h, p):
     return block(h, p), None
@@ -216,14 +216,15 @@ def _predict_batch(params, X, y, x_query, **kw):
   return out[:, ::2]   # the x tokens: positions 0, 2, ..., 2n
 
 
-def predict_batch(params, X, y, x_query, *, attention: str = "einsum", unroll: int = 1):
+def predict_batch(params, X, y, x_query, *, attention: str = "einsum", unroll: int = 1,
+                  remat: bool = True):
   """Predictions (B, n + 1) of y_1, ..., y_n, y_{n+1} for a batch X (B, n, d), y (B, n),
   x_query (B, d); entry i (0-based) is read at x_{i+1}'s token and sees only the prompt
   before it. Any n with n + 1 <= max_points. Jit-able; shape checks run at trace time."""
   _check_batch(params, X, y, x_query)
   if attention not in ("einsum", "xla", "cudnn"):
     raise ValueError(f"attention: expected 'einsum', 'xla' or 'cudnn', got {attention!r}")
-  return _predict_batch(params, X, y, x_query, attention=attention, unroll=unroll)
+  return _predict_batch(params, X, y, x_query, attention=attention, unroll=unroll, remat=remat)
 
 
 def predict(params, X, y, x_query, *, attention: str = "einsum"):
@@ -239,10 +240,10 @@ def predict(params, X, y, x_query, *, attention: str = "einsum"):
 
 
 def loss(params, X, y, x_query, y_query, *, prefix: bool = True, attention: str = "einsum",
-         unroll: int = 1):
+         unroll: int = 1, remat: bool = True):
   """Mean squared label error on a batch: over every prefix (y_1..y_{n+1}, Garg et al.'s
   training loss) when `prefix`, else at the query only."""
-  pred = predict_batch(params, X, y, x_query, attention=attention, unroll=unroll)
+  pred = predict_batch(params, X, y, x_query, attention=attention, unroll=unroll, remat=remat)
   if prefix:
     target = jnp.concatenate([y, y_query[:, None]], axis=1)
     return jnp.mean((pred - target) ** 2)

@@ -140,6 +140,7 @@ def evaluate(model: str, params, task: Task) -> dict:
   B, N, d = _checks.check_ndim("task.X", task.X, 3, "(B, N, d)")
   if N < 1:
     raise ValueError(f"task.X: expected at least one demonstration, got shape {(B, N, d)}")
-  predict(model, params, task.X[0], task.y[0], task.x_query[0])  # argument checks, outside jit
+  # Argument checks, outside jit; eval_shape runs them at trace time without computing anything.
+  jax.eval_shape(lambda p, t: predict(model, p, t.X[0], t.y[0], t.x_query[0]), params, task)
   errs = np.asarray(_prefix_errors_fn(model)(params, task))
   return {"pred_error": float(errs[N]), "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}

@@ -22,7 +22,7 @@ from jax import lax
 from l2o_jax import _checks
 from l2o_jax.ops import _attention, _mlp, causal_mask, dense
 from l2o_jax.transformer import readout as ro
-from l2o_jax.transformer.embedding import _embed, beta_rows, dim_from_D, embed, model_dim
+from l2o_jax.transformer.embedding import _embed, dim_from_D, embed, model_dim
 
 READOUTS = ("linear", "query", "query_dagger")
 
@@ -86,7 +86,7 @@ def _forward_rows(params, H):
 
   For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
   weight gradient is a canonical GEMM on XLA:CPU), instead of B small (D, D) x (D, T) products
-  under vmap. Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_small_tf.py).
+  under vmap. Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
   """
   B, T, D = H.shape
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
@@ -109,16 +109,10 @@ def _forward_rows(params, H):
 
 def _predict_batch(params, X, y, x_query):
   """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
-  `jax.vmap(_predict)` in the layout of `_forward_rows` (the training objective's hot path)."""
+  `jax.vmap(_predict)` with the blocks run by `_forward_rows` (the training objective's hot path)."""
   H = jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)          # (B, T, D)
-  Hq = _forward_rows(params["body"], H)[:, 0::2]                   # x-tokens 2i-1: (B, N+1, D)
-  kind = readout_kind(params)
-  if kind == "linear":
-    return Hq @ params["v"]
-  Xt = jnp.concatenate([X, x_query[:, None]], axis=1)             # (B, N+1, d)
-  if kind == "query":
-    return jnp.einsum("bti,ij,btj->bt", Hq, params["V"], Xt)
-  return jnp.einsum("btj,btj->bt", Hq[..., beta_rows(X.shape[-1])], Xt)
+  H_out = jnp.swapaxes(_forward_rows(params["body"], H), 1, 2)     # back to (B, D, T)
+  return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, H_out, X, x_query)
 
 
 def readout_kind(params) -> str:
@@ -208,7 +202,11 @@ def small_tf_predict(params, X, y, x_query) -> jax.Array:
 
 
 def _predict(params, X, y, x_query):
-  H = _forward(params["body"], _embed(X, y, x_query))
+  return _readout(params, _forward(params["body"], _embed(X, y, x_query)), X, x_query)
+
+
+def _readout(params, H, X, x_query):
+  """The read-out named by the params pytree, applied to the output sequence H (D, 2N+1)."""
   kind = readout_kind(params)
   if kind == "linear":
     return ro._linear(params["v"], H)

@@ -1,0 +1,90 @@
+"""Micro-benchmarks behind implementation choices (not the issue's comparison suite, run.py).
+
+  python -m benchmarks.micro                 # both
+  python -m benchmarks.micro --only=dense    # ops.dense's weight gradient vs XLA's default (and torch)
+  python -m benchmarks.micro --only=gpt2     # GPT-2 value_and_grad: the defaults vs remat off,
+                                             # unrolled layers, jax.nn.dot_product_attention
+
+Variants run interleaved in one process (repeats x variants) and report min and median ms, so
+a slower or busier machine shifts every variant alike. Results print as a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def _time(fns: dict, repeats: int) -> dict:
+  import jax
+  for f in fns.values():
+    jax.block_until_ready(f())           # compile / warm up
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  return {k: (1e3 * min(v), 1e3 * statistics.median(v)) for k, v in times.items()}
+
+
+def bench_dense(repeats: int, T: int = 1344, K: int = 256, N: int = 1024) -> dict:
+  """Weight gradient x^T g of x (T, K) @ w (K, N): T = 64 prompts x 21 tokens, GPT-2's fc_w."""
+  import jax
+  import jax.numpy as jnp
+  from l2o_jax.ops import dense
+  x = jax.random.normal(jax.random.key(0), (T, K))
+  w = jax.random.normal(jax.random.key(1), (K, N))
+  g = jax.random.normal(jax.random.key(2), (T, N))
+  # x and g are arguments, not closed-over constants, which XLA would fold at compile time.
+  dw = lambda mm: jax.jit(jax.grad(lambda w, x, g: jnp.sum(mm(x, w) * g)))
+  plain, ours = dw(lambda x, w: x @ w), dw(dense)
+  fns = {f"XLA default x^T g ({T}x{K})^T({T}x{N})": lambda: plain(w, x, g),
+         "ops.dense": lambda: ours(w, x, g)}
+  out = _time(fns, repeats)
+  try:
+    import torch
+    tx, tg = torch.randn(T, K), torch.randn(T, N)
+    ts = []
+    for _ in range(repeats + 1):
+      t0 = time.perf_counter()
+      tx.T @ tg
+      ts.append(time.perf_counter() - t0)
+    out["torch x.T @ g"] = (1e3 * min(ts[1:]), 1e3 * statistics.median(ts[1:]))
+  except ImportError:
+    pass
+  return out
+
+
+def bench_gpt2(repeats: int) -> dict:
+  import jax
+  from l2o_jax import sample_tasks
+  from l2o_jax.transformer import gpt2
+  params = gpt2.init(jax.random.key(0), d=20, max_points=11)
+  t = sample_tasks(jax.random.key(1), 64, d=20, n=10)
+  variants = {"defaults (scan, remat, einsum attention)": {}, "remat=False": {"remat": False},
+              "unroll=12": {"unroll": 12}, 'attention="xla"': {"attention": "xla"}}
+  fns = {}
+  for name, kw in variants.items():
+    f = jax.jit(jax.value_and_grad(lambda p, kw=kw: gpt2.loss(p, t.X, t.y, t.x_query, t.y_query, **kw)))
+    fns[f"GPT-2 value_and_grad, batch 64: {name}"] = lambda f=f: f(params)
+  return _time(fns, repeats)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", default="dense,gpt2", help="comma-separated: dense, gpt2")
+  p.add_argument("--repeats", type=int, default=7)
+  args = p.parse_args(argv)
+  import jax
+  rows = {}
+  for name in args.only.split(","):
+    rows.update({"dense": bench_dense, "gpt2": bench_gpt2}[name](args.repeats))
+  print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
+  print("| variant | min ms | median ms |\n|---|---:|---:|")
+  for k, (lo, med) in rows.items():
+    print(f"| {k} | {lo:.1f} | {med:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
