@@ -5,8 +5,9 @@ Design (see BUILD_NOTES.md):
 - The data for step t is drawn on device from `fold_in(state.key, t)` inside the compiled step,
   so the host never ships batches and a resumed run sees exactly the data it would have seen.
 - `steps_per_call` steps run per jit call; the state buffers are donated.
-- A non-finite loss or gradient freezes the state at the last good step for the rest of the
-  chunk and is reported in the metrics, so the caller can stop with the last good parameters.
+- A non-finite loss or gradient norm is reported in the metrics (sticky for the rest of the
+  chunk); `fit` then raises without saving that chunk's state, and it checks the parameters
+  are finite before every checkpoint, so a checkpoint on disk is always a good one.
 """
 from __future__ import annotations
 
@@ -80,23 +81,24 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable:
-  """One pure update: (state, ok) -> ((state, ok), metrics). Skips updates once ok is False."""
+  """One pure update: (state, ok) -> ((state, ok), metrics); ok turns False at the first
+  non-finite step and stays False (metrics["finite"]), so the caller can stop there."""
 
   def step(carry, _):
     state, ok = carry
     batch = objective.sample(jax.random.fold_in(state.key, state.step))
     loss, grads = jax.value_and_grad(objective.loss)(state.params, batch)
+    grad_norm = optax.tree.norm(grads)
+    # One scalar test instead of a pass over every leaf: a finite norm bounds every g_i^2, so
+    # Adam's moments and its (bounded) update stay finite too. A non-finite step is not undone
+    # in memory: the state is discarded (`fit` raises and never saves it), and `fit` checks the
+    # parameters once more before every checkpoint. Selecting old-vs-new state per leaf (the
+    # former design) cost 55 ms of a 0.8 s GPT-2 step on 2 cores (BUILD_NOTES).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # Also check the new parameters: without clipping, Adam's moments can overflow while the
-    # gradient itself is still finite, which would silently poison the state.
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, state.key)
     ok_now = ok & finite
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok_now, a, b), new, old)
-    new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
-                           jnp.where(ok_now, state.step + 1, state.step), state.key)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite & ok}
-    return (new_state, ok_now), metrics
+    return (new_state, ok_now), {"loss": loss, "grad_norm": grad_norm, "finite": ok_now}
 
   return step
 
@@ -257,11 +259,8 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     bad = first_nonfinite(metrics, step)
     if bad is not None:
       seed_i, bad_step, loss = bad
-      last = checkpointer.latest_step() if checkpointer is not None else None
-      where = (f"the last good checkpoint is step {last} in {checkpointer.directory} (left intact)"
-               if last is not None else "no checkpoint was saved")
       raise NonFiniteLossError(bad_step, f"non-finite loss/gradient at step {bad_step} (seed "
-                               f"{seeds[seed_i]}, loss={loss}); stopped; {where}")
+                               f"{seeds[seed_i]}, loss={loss}); stopped; {_last_good(checkpointer)}")
     losses.append(np.asarray(metrics["loss"]))
     step = end
     if on_chunk is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
@@ -270,6 +269,11 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     if checkpointer is not None and (stop or step == num_steps or
                                      (checkpoint_every and step % checkpoint_every == 0)):
       if step not in checkpointer.steps():
+        # The per-step test covers the loss and gradients; parameters pushed to inf/NaN by an
+        # update with finite gradients (possible with a custom optimizer) are caught here.
+        if not bool(_tree_finite(state.params)):
+          raise NonFiniteLossError(step, f"non-finite parameters after step {step}; not saved; "
+                                   f"stopped; {_last_good(checkpointer)}")
         checkpointer.save(state)
     now = time.time()
     if first_chunk_end is None:
@@ -290,6 +294,15 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
         log_fn(f"stop requested: exiting at step {step}{where}")
       return FitResult(state, _cat(losses, len(seeds)), start, True)
   return FitResult(state, _cat(losses, len(seeds)), start, False)
+
+
+_tree_finite = jax.jit(_all_finite)
+
+
+def _last_good(checkpointer) -> str:
+  last = checkpointer.latest_step() if checkpointer is not None else None
+  return (f"the last good checkpoint is step {last} in {checkpointer.directory} (left intact)"
+          if last is not None else "no checkpoint was saved")
 
 
 def _cat(losses, num_seeds):

@@ -15,6 +15,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from l2o_jax import checkpoint, train
@@ -165,6 +166,19 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert_bitwise(state, direct)
   assert np.isfinite(np.asarray(state.params["w"])).all()
 
+
+
+def test_nonfinite_parameters_from_finite_gradients_are_never_saved(tmp_path):
+  # An update rule that sends w to -inf on a finite gradient (-1): step 1's loss and gradient are
+  # finite, so only the check before saving can catch it; step 1 must not reach the disk.
+  objective = train.Objective(lambda key: {"w": jnp.zeros(())}, lambda key: jnp.zeros(()),
+                              lambda p, batch: -p["w"] + batch)
+  blow_up = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                         lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.inf, g), s))
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite parameters after step 1; not saved.*no checkpoint"):
+    train.fit(objective, blow_up, 3, steps_per_call=1, checkpointer=ckpt, checkpoint_every=1, log_fn=None)
+  assert ckpt.steps() == []
 
 if __name__ == "__main__":
   _worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else -1)

@@ -220,3 +220,19 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout):
   for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref)):
     # float32 sums in a different order: compare on the scale of each gradient array
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("readout,num_layers", [("query", 2), ("linear", 3), ("query_dagger", 2), ("query", 1)])
+def test_query_only_path_equals_full_pass(task, readout, num_layers):
+  """The query loss's path (last block at the query token only) equals the full pass's last
+  prediction: values and gradients, every read-out, and K = 1 (no earlier blocks)."""
+  from l2o_jax.transformer import small_tf as stf
+  params = small_tf_init(jax.random.key(5), d=d, num_layers=num_layers, num_heads=2, mlp_hidden=7,
+                         out_scale=1.0, readout=readout)
+  full = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query)[:, -1]
+  query = lambda p: stf._predict_query_batch(p, task.X, task.y, task.x_query)
+  np.testing.assert_allclose(query(params), full(params), rtol=1e-5, atol=1e-5)
+  g_full = jax.grad(lambda p: jnp.sum(jnp.sin(full(p))))(params)
+  g_query = jax.grad(lambda p: jnp.sum(jnp.sin(query(p))))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g_query), jax.tree_util.tree_leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))

@@ -18,6 +18,7 @@ from l2o_jax.tasks import Task, sample_tasks
 from l2o_jax.train import Objective
 from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
 from l2o_jax.transformer.small_tf import _predict_batch as _small_tf_predict_batch
+from l2o_jax.transformer.small_tf import _predict_query_batch as _small_tf_predict_query_batch
 
 MODELS = ("small_tf", "gpt2")
 LOSSES = ("query", "all")
@@ -93,9 +94,11 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
   def loss(params, task: Task):
     # Batch-major forward passes: each weight meets all B * T tokens in one GEMM, and the weight
     # gradients of `ops.dense` stay single GEMMs (under vmap they would be B small ones).
-    preds = _predict_batch(model, params, task.X, task.y, task.x_query)
     if loss_on == "query":
-      return jnp.mean((task.y_query - preds[:, -1]) ** 2)
+      pred = (_small_tf_predict_query_batch(params, task.X, task.y, task.x_query) if model == "small_tf"
+              else _predict_batch(model, params, task.X, task.y, task.x_query)[:, -1])
+      return jnp.mean((task.y_query - pred) ** 2)
+    preds = _predict_batch(model, params, task.X, task.y, task.x_query)
     targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
     return jnp.mean((targets - preds) ** 2)
 

@@ -81,38 +81,83 @@ def _forward(params, H, *, return_all=False):
   return all_H if return_all else H_out
 
 
+def _head_stacks(a):
+  """A block's heads as two (D, M D) matrices acting on token rows h (row layout):
+  h @ A_s = (A_m h)_m with A_m = K_m^T Q_m, so score(j -> i) = h_j^T A_m h_i (Definition 3.1,
+  the K^T Q fold of ops._attention), and h @ V_s = (V_m h)_m."""
+  M, D, _ = a["Q"].shape
+  A = jnp.einsum("med,mef->mdf", a["K"], a["Q"])
+  return (jnp.transpose(A, (2, 0, 1)).reshape(D, M * D),
+          jnp.transpose(a["V"], (2, 0, 1)).reshape(D, M * D))
+
+
+def _block_rows(H, p, mask):
+  """One block (Definition 3.3) on H (B, T, D); mask[i, ., j] = 1/i for j <= i."""
+  B, T, D = H.shape
+  a, m = p["attn"], p["mlp"]
+  M = a["Q"].shape[0]
+  A_s, V_s = _head_stacks(a)
+  # G holds A_m h_i for every token and head, so the scores are one batched (T M, D) x (D, T)
+  # product per instance.
+  G = dense(H, A_s).reshape(B, T, M, D)
+  weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G, H)) * mask
+  U = dense(H, V_s).reshape(B, T, M, D)
+  H = H + jnp.einsum("bimj,bjme->bie", weights, U)    # sum over heads m and keys j <= i
+  Z = jax.nn.relu(dense(H, m["W1"].T) + m["b"])
+  return H + dense(Z, m["W2"].T)
+
+
 def _forward_rows(params, H):
   """`_forward` for a batch in token-major layout: H (B, T, D) -> (B, T, D). Same blocks.
 
   For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
   weight gradient is a canonical GEMM on XLA:CPU), instead of B small (D, D) x (D, T) products
-  under vmap. Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
+  under vmap. The layer loop is unrolled: a scan stacks every block's residuals for the
+  backward pass into zero-initialised buffers, which cost ~20% of the CPU train step
+  (BUILD_NOTES). Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
   """
-  B, T, D = H.shape
+  T = H.shape[1]
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
+  return lax.scan(lambda H, p: (_block_rows(H, p, mask), None), H, params, unroll=True)[0]
 
-  def block(H, p):
-    a, m = p["attn"], p["mlp"]
-    M = a["Q"].shape[0]
-    # score(j -> i) = h_j^T (K_m^T Q_m) h_i, as in ops._attention; G holds (K_m^T Q_m) h_i for
-    # every head, so the scores are one batched (T M, D) x (D, T) product per instance.
-    A = jnp.einsum("med,mef->mdf", a["K"], a["Q"])
-    G = dense(H, jnp.transpose(A, (2, 0, 1)).reshape(D, M * D)).reshape(B, T, M, D)
-    weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G, H)) * mask
-    U = dense(H, jnp.transpose(a["V"], (2, 0, 1)).reshape(D, M * D)).reshape(B, T, M, D)
-    H = H + jnp.einsum("bimj,bjme->bie", weights, U)    # sum over heads m and keys j <= i
-    Z = jax.nn.relu(dense(H, m["W1"].T) + m["b"])
-    return H + dense(Z, m["W2"].T), None
 
-  return lax.scan(block, H, params)[0]
+def _query_block_rows(H, p):
+  """The block of `_block_rows` evaluated at the last token only: (B, T, D) -> (B, D).
+  The query attends to every token (its mask row is 1/T), so keys and values use all of H."""
+  B, T, D = H.shape
+  a, m = p["attn"], p["mlp"]
+  M = a["Q"].shape[0]
+  A_s, V_s = _head_stacks(a)
+  hq = H[:, -1]
+  g = (hq @ A_s).reshape(B, M, D)
+  weights = jax.nn.relu(jnp.einsum("bmd,bjd->bmj", g, H)) * (1.0 / T)
+  U = dense(H, V_s).reshape(B, T, M, D)
+  hq = hq + jnp.einsum("bmj,bjme->be", weights, U)
+  return hq + jax.nn.relu(hq @ m["W1"].T + m["b"]) @ m["W2"].T
+
+
+def _embed_rows(X, y, x_query):
+  return jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)       # (B, T, D)
 
 
 def _predict_batch(params, X, y, x_query):
   """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
   `jax.vmap(_predict)` with the blocks run by `_forward_rows` (the training objective's hot path)."""
-  H = jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)          # (B, T, D)
-  H_out = jnp.swapaxes(_forward_rows(params["body"], H), 1, 2)     # back to (B, D, T)
+  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query)), 1, 2)  # (B, D, T)
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, H_out, X, x_query)
+
+
+def _predict_query_batch(params, X, y, x_query):
+  """(B,) query predictions, `_predict_batch(...)[:, -1]` at ~1/K less work: the query loss reads
+  only the last token, so the last block runs for that token alone (the causal mask means no
+  earlier token's output depends on it). Unchecked."""
+  body = params["body"]
+  first = jax.tree_util.tree_map(lambda x: x[:-1], body)
+  last = jax.tree_util.tree_map(lambda x: x[-1], body)
+  hq = _query_block_rows(_forward_rows(first, _embed_rows(X, y, x_query)), last)   # (B, D)
+  # The read-out of the single query token: the prompt "X" with no demonstrations makes X_tilde
+  # the query row alone (Definition 4.2), so the same dispatch serves every read-out.
+  return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, hq[:, :, None], X[:, :0], x_query)[:, 0]
 
 
 def readout_kind(params) -> str:
