@@ -4,6 +4,9 @@
   python -m benchmarks.micro --only=dense    # ops.dense's weight gradient vs XLA's default (and torch)
   python -m benchmarks.micro --only=gpt2     # GPT-2 value_and_grad: the defaults vs remat off,
                                              # unrolled layers, jax.nn.dot_product_attention
+  python -m benchmarks.micro --only=small_tf # Small TF query-loss value_and_grad: the defaults
+                                             # (unrolled blocks, last block at the query only) vs
+                                             # a rolled scan, vs every token in the last block
 
 Variants run interleaved in one process (repeats x variants) and report min and median ms, so
 a slower or busier machine shifts every variant alike. Results print as a markdown table.
@@ -71,15 +74,35 @@ def bench_gpt2(repeats: int) -> dict:
   return _time(fns, repeats)
 
 
+def bench_small_tf(repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from l2o_jax import sample_tasks
+  from l2o_jax.transformer import small_tf as stf
+  params = stf.small_tf_init(jax.random.key(0), d=20)
+  t = sample_tasks(jax.random.key(1), 64, d=20, n=10)
+  variants = {
+      "defaults (unrolled, query-only last block)": lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query),
+      "rolled lax.scan": lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query, unroll=1),
+      "every token in the last block": lambda p: stf._predict_batch(p, t.X, t.y, t.x_query)[:, -1],
+      "both (the previous default)": lambda p: stf._predict_batch(p, t.X, t.y, t.x_query, unroll=1)[:, -1],
+  }
+  fns = {}
+  for name, pred in variants.items():
+    f = jax.jit(jax.value_and_grad(lambda p, pred=pred: jnp.mean((t.y_query - pred(p)) ** 2)))
+    fns[f"Small TF value_and_grad, batch 64, query loss: {name}"] = lambda f=f: f(params)
+  return _time(fns, repeats)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--only", default="dense,gpt2", help="comma-separated: dense, gpt2")
+  p.add_argument("--only", default="dense,gpt2,small_tf", help="comma-separated: dense, gpt2, small_tf")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
   rows = {}
   for name in args.only.split(","):
-    rows.update({"dense": bench_dense, "gpt2": bench_gpt2}[name](args.repeats))
+    rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "small_tf": bench_small_tf}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():

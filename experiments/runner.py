@@ -424,7 +424,8 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
         checkpointer=checkpointer, checkpoint_every=ckpt_every, eval_every=eval_every,
         place=(lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None,
         on_chunk=on_chunk, should_stop=stop, instances_per_step=batch,
-        log_every_s=c.log_every_s, log_fn=lambda m: log(f"[{job.name}] {m}"))
+        log_every_s=c.log_every_s, log_fn=lambda m: log(f"[{job.name}] {m}"),
+        skip_nonfinite=(c.lista_train if job.family == "lista" else c.tf_train).skip_nonfinite)
   finally:
     for w in (metrics_log, events):
       if w is not None:
@@ -442,6 +443,8 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
          "num_layers": job.num_layers or (c.lista.num_layers if job.family == "lista" else None),
          "family": job.family, "protocol": job.protocol if job.family == "lista" else None,
          "steps": steps, "seeds": seeds, "steps_per_epoch": eval_every if job.family == "lista" else None,
+         # skipped steps are counted by this process: since `resumed_from_step` when resumed
+         "skipped_nonfinite_steps": result.skipped, "resumed_from_step": result.resumed_from,
          "curve": writers.read_jsonl(metrics_path) if os.path.exists(metrics_path) else [],
          **aggregate(per_seed), **prompt_length_note(c, job, _seed_params(result.state.params, 0))}
   if chief:

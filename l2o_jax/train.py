@@ -80,9 +80,15 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable:
-  """One pure update: (state, ok) -> ((state, ok), metrics); ok turns False at the first
-  non-finite step and stays False (metrics["finite"]), so the caller can stop there."""
+def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
+              skip_nonfinite: bool = False) -> Callable:
+  """One pure update: (state, ok) -> ((state, ok), metrics).
+
+  Default: ok turns False at the first non-finite step and stays False (metrics["finite"]), so
+  the caller can stop there. skip_nonfinite=True: a step with a non-finite loss or gradient
+  leaves the parameters and optimizer state unchanged (metrics["skipped"]) and training goes on;
+  the step counter still advances, so the next step draws a fresh batch.
+  """
 
   def step(carry, _):
     state, ok = carry
@@ -90,27 +96,34 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation) -> 
     loss, grads = jax.value_and_grad(objective.loss)(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     # One scalar test instead of a pass over every leaf: a finite norm bounds every g_i^2, so
-    # Adam's moments and its (bounded) update stay finite too. A non-finite step is not undone
-    # in memory: the state is discarded (`fit` raises and never saves it), and `fit` checks the
-    # parameters once more before every checkpoint. Selecting old-vs-new state per leaf (the
-    # former design) cost 55 ms of a 0.8 s GPT-2 step on 2 cores (BUILD_NOTES).
+    # Adam's moments and its (bounded) update stay finite too. By default a non-finite step is
+    # not undone in memory: the state is discarded (`fit` raises and never saves it), and `fit`
+    # checks the parameters once more before every checkpoint. Selecting old-vs-new state per
+    # leaf cost 55 ms of a 0.8 s GPT-2 step on 2 cores (BUILD_NOTES), so only skipping pays it.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, state.key)
-    ok_now = ok & finite
-    return (new_state, ok_now), {"loss": loss, "grad_norm": grad_norm, "finite": ok_now}
+    params = optax.apply_updates(state.params, updates)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      ok_now = ok
+    else:
+      ok_now = ok & finite
+    new_state = TrainState(params, opt_state, state.step + 1, state.key)
+    return (new_state, ok_now), {"loss": loss, "grad_norm": grad_norm, "finite": ok_now,
+                                 "skipped": ~finite if skip_nonfinite else jnp.bool_(False)}
 
   return step
 
 
 def make_train_chunk(objective: Objective, optimizer: optax.GradientTransformation,
-                     steps_per_call: int) -> Callable:
+                     steps_per_call: int, *, skip_nonfinite: bool = False) -> Callable:
   """jit(state) -> (state, metrics): `steps_per_call` fused steps, state donated.
 
-  metrics are (steps_per_call,) arrays: loss, grad_norm, finite.
+  metrics are (steps_per_call,) arrays: loss, grad_norm, finite, skipped (see `make_step`).
   """
   _checks.check_positive_int("steps_per_call", steps_per_call)
-  step = make_step(objective, optimizer)
+  step = make_step(objective, optimizer, skip_nonfinite=skip_nonfinite)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def chunk(state):
@@ -155,7 +168,7 @@ def init_states(objective: Objective, optimizer: optax.GradientTransformation, s
 
 @functools.lru_cache(maxsize=64)
 def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransformation,
-                           steps_per_call: int) -> Callable:
+                           steps_per_call: int, skip_nonfinite: bool = False) -> Callable:
   """Like `make_train_chunk` for a stacked state (leading seed axis S): one compiled program
   that trains every seed (jax.vmap of the scanned steps). metrics are (S, steps_per_call).
 
@@ -163,7 +176,7 @@ def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransf
   objective reuse the compiled program.
   """
   _checks.check_positive_int("steps_per_call", steps_per_call)
-  step = make_step(objective, optimizer)
+  step = make_step(objective, optimizer, skip_nonfinite=skip_nonfinite)
 
   def one_seed(state):
     (state, _), metrics = jax.lax.scan(step, (state, jnp.bool_(True)), length=steps_per_call)
@@ -188,6 +201,7 @@ class FitResult(NamedTuple):
   losses: np.ndarray      # (S, steps run in this call) per-step training losses
   resumed_from: int       # step restored from a checkpoint (0 for a fresh start)
   interrupted: bool       # True when stopped early by `should_stop` (a checkpoint was saved)
+  skipped: int = 0        # non-finite steps skipped in this call (skip_nonfinite=True), all seeds
 
 
 def chunk_boundaries(start: int, num_steps: int, steps_per_call: int, *also: int | None) -> list[int]:
@@ -210,7 +224,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
         on_chunk: Callable[[int, TrainState, dict], None] | None = None,
         eval_every: int | None = None, should_stop: Callable[[], bool] | None = None,
         instances_per_step: int = 0, log_every_s: float = 10.0,
-        log_fn: Callable[[str], None] | None = print) -> FitResult:
+        log_fn: Callable[[str], None] | None = print, skip_nonfinite: bool = False) -> FitResult:
   """Trains several seeds together, with checkpoints and exact resume.
 
   Args:
@@ -226,6 +240,9 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       the end) with the (S, T) metrics of the chunk just run; used for evaluation and logging.
     should_stop: polled after every chunk; True saves a checkpoint and returns (SIGTERM/SIGINT).
     instances_per_step: training instances per step and seed, for the instances/s progress line.
+    skip_nonfinite: skip (do not apply) steps whose loss or gradient is non-finite instead of
+      stopping (`make_step`); the progress line counts them. A chunk in which some seed skipped
+      every step still stops the run, as does a non-finite parameter before a checkpoint.
 
   Raises NonFiniteLossError naming the first bad step and the last good checkpoint, which is
   left untouched (the state of the failing chunk is never saved).
@@ -250,12 +267,19 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     raise ValueError(f"num_steps: the workdir holds a checkpoint at step {start}, past num_steps={num_steps}")
   chunks: dict[int, Callable] = {}
   losses, t0, last_log, done_at_start, first_chunk_end = [], time.time(), 0.0, start, None
+  skipped = 0
   step = start
   for end in chunk_boundaries(start, num_steps, steps_per_call, eval_every, checkpoint_every):
     length = end - step
     if length not in chunks:
-      chunks[length] = make_seeds_train_chunk(objective, optimizer, length)
+      chunks[length] = make_seeds_train_chunk(objective, optimizer, length, skip_nonfinite)
     state, metrics = chunks[length](state)
+    skipped_now = np.asarray(metrics["skipped"]).reshape(len(seeds), -1)
+    skipped += int(skipped_now.sum())
+    if skipped_now.all(axis=1).any():
+      seed_i = int(np.argmax(skipped_now.all(axis=1)))
+      raise NonFiniteLossError(step + 1, f"every step {step + 1}..{end} was non-finite and skipped "
+                               f"(seed {seeds[seed_i]}); stopped; {_last_good(checkpointer)}")
     bad = first_nonfinite(metrics, step)
     if bad is not None:
       seed_i, bad_step, loss = bad
@@ -287,13 +311,14 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       loss_now = float(np.mean(losses[-1][..., -1]))
       log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  "
              f"{rate * instances_per_step * len(seeds):,.0f} instances/s  "
-             f"{rate:,.1f} steps/s  eta {_fmt_seconds(eta)}")
+             f"{rate:,.1f} steps/s  eta {_fmt_seconds(eta)}"
+             + (f"  skipped non-finite steps: {skipped}" if skipped else ""))
     if stop:
       if log_fn:
         where = f" (checkpoint step {step} saved)" if checkpointer is not None else ""
         log_fn(f"stop requested: exiting at step {step}{where}")
-      return FitResult(state, _cat(losses, len(seeds)), start, True)
-  return FitResult(state, _cat(losses, len(seeds)), start, False)
+      return FitResult(state, _cat(losses, len(seeds)), start, True, skipped)
+  return FitResult(state, _cat(losses, len(seeds)), start, False, skipped)
 
 
 _tree_finite = jax.jit(_all_finite)

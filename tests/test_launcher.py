@@ -154,6 +154,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
                              [m["test_pred_error"] for m in metrics], rtol=1e-6)
   res = json.load(open(job / "results.json"))
   assert res["steps"] == 20 and res["seeds"] == [0] and np.isfinite(res["pred_error"]["mean"])
+  assert res["skipped_nonfinite_steps"] == 0 and res["resumed_from_step"] == 0
   assert sorted(res["per_prompt_length"]) == ["2", "4", "6"]  # LISTA-VM takes any n, also beyond N = 4
   assert "per_prompt_length_skipped" not in res
   assert out["jobs"]["lista_vm"]["pred_error"] == res["pred_error"]

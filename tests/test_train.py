@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import l2o_jax as L
@@ -30,3 +31,26 @@ def test_train_stops_on_non_finite_loss():
   bad = OBJ._replace(loss=lambda p, b: jnp.where(p["w"][0] != 0, jnp.nan, 1.0) + jnp.sum(p["w"]))
   with pytest.raises(T.NonFiniteLossError, match="step 1"):
     T.train(bad, T.make_optimizer(1e-2), 10, steps_per_call=5)
+
+
+def _spiky_objective(p_bad):
+  """Loss sum(w^2), NaN on the steps whose uniform batch draw falls below p_bad."""
+  return T.Objective(lambda key: {"w": jnp.ones(3)}, lambda key: jax.random.uniform(key),
+                     lambda p, b: jnp.where(b < p_bad, jnp.nan, 1.0) * jnp.sum(p["w"] ** 2))
+
+
+def test_skip_nonfinite_skips_exactly_the_bad_steps():
+  objective, steps = _spiky_objective(0.3), 20
+  result = T.fit(objective, optax.sgd(0.1), steps, steps_per_call=5, log_fn=None, skip_nonfinite=True)
+  # Independently: which steps draw a bad batch (step t uses fold_in(data key, t)).
+  key = T.init_state(objective, optax.sgd(0.1), 0).key
+  bad = [float(jax.random.uniform(jax.random.fold_in(key, t))) < 0.3 for t in range(steps)]
+  assert 0 < sum(bad) < steps and result.skipped == sum(bad)
+  # SGD on sum(w^2) multiplies w by 1 - 0.1 * 2 on every applied step and leaves it on skipped ones.
+  np.testing.assert_allclose(result.state.params["w"][0], 0.8 ** (steps - sum(bad)) * np.ones(3), rtol=1e-5)
+  assert int(result.state.step[0]) == steps
+
+
+def test_skip_nonfinite_still_stops_when_a_whole_chunk_is_bad():
+  with pytest.raises(T.NonFiniteLossError, match=r"every step 1\.\.5 was non-finite and skipped"):
+    T.fit(_spiky_objective(2.0), optax.sgd(0.1), 20, steps_per_call=5, log_fn=None, skip_nonfinite=True)

@@ -107,18 +107,19 @@ def _block_rows(H, p, mask):
   return H + dense(Z, m["W2"].T)
 
 
-def _forward_rows(params, H):
+def _forward_rows(params, H, unroll=True):
   """`_forward` for a batch in token-major layout: H (B, T, D) -> (B, T, D). Same blocks.
 
   For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
   weight gradient is a canonical GEMM on XLA:CPU), instead of B small (D, D) x (D, T) products
   under vmap. The layer loop is unrolled: a scan stacks every block's residuals for the
   backward pass into zero-initialised buffers, which cost ~20% of the CPU train step
-  (BUILD_NOTES). Equal to `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
+  (BUILD_NOTES; `unroll` is `lax.scan`'s, for the A/B in benchmarks/micro.py). Equal to
+  `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
   """
   T = H.shape[1]
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
-  return lax.scan(lambda H, p: (_block_rows(H, p, mask), None), H, params, unroll=True)[0]
+  return lax.scan(lambda H, p: (_block_rows(H, p, mask), None), H, params, unroll=unroll)[0]
 
 
 def _query_block_rows(H, p):
@@ -140,21 +141,21 @@ def _embed_rows(X, y, x_query):
   return jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)       # (B, T, D)
 
 
-def _predict_batch(params, X, y, x_query):
+def _predict_batch(params, X, y, x_query, unroll=True):
   """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
   `jax.vmap(_predict)` with the blocks run by `_forward_rows` (the training objective's hot path)."""
-  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query)), 1, 2)  # (B, D, T)
+  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query), unroll), 1, 2)  # (B, D, T)
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, H_out, X, x_query)
 
 
-def _predict_query_batch(params, X, y, x_query):
+def _predict_query_batch(params, X, y, x_query, unroll=True):
   """(B,) query predictions, `_predict_batch(...)[:, -1]` at ~1/K less work: the query loss reads
   only the last token, so the last block runs for that token alone (the causal mask means no
   earlier token's output depends on it). Unchecked."""
   body = params["body"]
   first = jax.tree_util.tree_map(lambda x: x[:-1], body)
   last = jax.tree_util.tree_map(lambda x: x[-1], body)
-  hq = _query_block_rows(_forward_rows(first, _embed_rows(X, y, x_query)), last)   # (B, D)
+  hq = _query_block_rows(_forward_rows(first, _embed_rows(X, y, x_query), unroll), last)   # (B, D)
   # The read-out of the single query token: the prompt "X" with no demonstrations makes X_tilde
   # the query row alone (Definition 4.2), so the same dispatch serves every read-out.
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, hq[:, :, None], X[:, :0], x_query)[:, 0]
