@@ -404,7 +404,7 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
       metrics_log = writers.JsonlWriter(metrics_path, truncate_after_step=step - 1)
     errs = [evaluate_job(c, job, _seed_params(state.params, i), curve_task, full=False)["pred_error"]
             for i in range(len(seeds))]
-    loss = np.asarray(metrics["loss"]).mean(axis=-1)
+    loss = train.finite_mean(metrics["loss"])   # skipped (non-finite) steps left out
     record = {"step": step, "epoch": step / eval_every if job.family == "lista" else None,
               "train_loss": float(loss.mean()), "train_loss_per_seed": loss.tolist(),
               "test_pred_error": float(np.mean(errs)), "test_pred_error_per_seed": errs,

@@ -308,7 +308,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       t_ref, s_ref = first_chunk_end if step > first_chunk_end[1] else (t0, done_at_start)
       rate = (step - s_ref) / max(now - t_ref, 1e-9)
       eta = (num_steps - step) / max(rate, 1e-9)
-      loss_now = float(np.mean(losses[-1][..., -1]))
+      loss_now = float(np.mean(finite_mean(losses[-1])))   # over the chunk, skipped steps left out
       log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  "
              f"{rate * instances_per_step * len(seeds):,.0f} instances/s  "
              f"{rate:,.1f} steps/s  eta {_fmt_seconds(eta)}"
@@ -319,6 +319,15 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
         log_fn(f"stop requested: exiting at step {step}{where}")
       return FitResult(state, _cat(losses, len(seeds)), start, True, skipped)
   return FitResult(state, _cat(losses, len(seeds)), start, False, skipped)
+
+
+def finite_mean(losses) -> np.ndarray:
+  """Mean over the last axis of the finite entries (skipped steps carry their non-finite loss);
+  NaN where a row has none."""
+  losses = np.asarray(losses, np.float64)
+  ok = np.isfinite(losses)
+  with np.errstate(invalid="ignore"):
+    return np.where(ok, losses, 0.0).sum(-1) / ok.sum(-1)
 
 
 _tree_finite = jax.jit(_all_finite)
