@@ -78,7 +78,7 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
     if key in refs:
       names.append(LABELS[name]); values.append(refs[key]); errs.append(0); colors.append("0.6")
       fixed.append(None)
-      rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} | | |")
+      rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} | | | |")
   for m in methods:
     job = run["jobs"].get(_job_name(cfg, m, support))
     if job is None:
@@ -88,7 +88,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
     errs.append(job["pred_error"].get("std", 0.0))
     colors.append("tab:red" if m.endswith("_meta") else ("tab:blue" if m in FIXED_X else "tab:green"))
     fixed.append(_mean(job["pred_error_fixed_x"]) if "pred_error_fixed_x" in job else None)
-    rows.append(f"| {LABELS.get(m, m)} | {_fmt(job['pred_error'])} | {_fmt(job.get('pred_error_fixed_x'))} "
+    rows.append(f"| {LABELS.get(m, m)} | {_fmt(job['pred_error'])} | {_fmt(job.get('pred_error_median'))} "
+                f"| {_fmt(job.get('pred_error_fixed_x'))} "
                 f"| {job['steps']} x {len(job['seeds'])} seed(s) |")
   if not names:
     return None
@@ -102,7 +103,7 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   for key, style in (("lasso", "--"), ("oracle", ":")):
     if key in refs:
       ax.axhline(refs[key], ls=style, color="k", lw=1, label=f"{LABELS[key]} = {refs[key]:.3g}")
-      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | | |")
+      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | | | |")
   ax.set_xticks(list(x), names, rotation=30, ha="right")
   ax.set_yscale("log")
   ax.set_ylabel("prediction error  (y - ŷ)²")
@@ -113,8 +114,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   path = os.path.join(out_dir, f"{study}.png")
   fig.savefig(path, dpi=120)
   plt.close(fig)
-  table = [f"### {title}", "", "| method | prediction error (varying X) | fixed training X | training |",
-           "|---|---:|---:|---|", *rows, ""]
+  table = [f"### {title}", "", "| method | prediction error (varying X) | median over tasks | fixed training X | training |",
+           "|---|---:|---:|---:|---|", *rows, ""]
   return path, table
 
 

@@ -311,8 +311,10 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
   lengths = [n for n in _lengths(c) if n <= ppl_task.X.shape[1]]
   if job.family == "tf":
     from l2o_jax import transformer
-    out = {"pred_error": transformer.evaluate(job.method, params_i, task)["pred_error"]}
+    ev = transformer.evaluate(job.method, params_i, task)
+    out = {"pred_error": ev["pred_error"]}
     if full:
+      out["pred_error_median"] = ev["pred_error_median"]
       limit = max_demonstrations(job, params_i)
       if limit is not None and ppl_task.X.shape[1] > limit:
         ppl_task = _truncate(ppl_task, limit)  # evaluate only the prompts the model can hold
@@ -325,6 +327,7 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
   out = {"pred_error": ev["pred_error"]}
   if not full:
     return out
+  out["pred_error_median"] = ev["pred_error_median"]
   out["per_layer"] = ev["per_layer"]
   out["beta_nmse_db"] = ev["beta_nmse_db"]
   if fixed_task is not None:

@@ -428,8 +428,8 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   """Prediction error (section 6) of `method` on a batch of tasks.
 
   Returns {"pred_error": mean (y_query - x_query^T beta_hat)^2 after the last layer,
-  "per_layer": [K floats] the same after each layer, "beta_nmse_db": 10 log10 of
-  sum ||beta_hat - beta||^2 / sum ||beta||^2}.
+  "pred_error_median": the median over tasks of the same, "per_layer": [K floats] the mean after
+  each layer, "beta_nmse_db": 10 log10 of sum ||beta_hat - beta||^2 / sum ||beta||^2}.
   """
   _check_method(method)
   B, n, d = _checks.check_ndim("task.X", task.X, 3, "(B, n, d)")
@@ -441,5 +441,6 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
   nmse = 10.0 * jnp.log10(jnp.sum((final - task.beta) ** 2) / jnp.sum(task.beta ** 2))
-  return {"pred_error": float(per_layer[-1]), "per_layer": [float(v) for v in per_layer],
-          "beta_nmse_db": float(nmse)}
+  median = jnp.median((task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2)
+  return {"pred_error": float(per_layer[-1]), "pred_error_median": float(median),
+          "per_layer": [float(v) for v in per_layer], "beta_nmse_db": float(nmse)}

@@ -157,6 +157,7 @@ def test_evaluate_per_prompt_length_matches_truncated_prompts(task, tf_params, b
     preds = np.asarray(batch_predict(params, task.X[:, :n], task.y[:, :n], task.x_query))[:, -1]
     np.testing.assert_allclose(ev["per_prompt_length"][n], np.mean((task.y_query - preds) ** 2), rtol=1e-4)
   assert ev["pred_error"] == ev["per_prompt_length"][N]
+  np.testing.assert_allclose(ev["pred_error_median"], np.median((task.y_query - preds) ** 2), rtol=1e-4)
 
 
 def test_nnx_wrapper_matches_pure_functions(tf_params, task):

@@ -125,7 +125,7 @@ def _prefix_errors_fn(model: str):
     # every prompt's attention scores, ~2 GB per layer for 4096 prompts of 20 demonstrations.
     per_task = jax.lax.map(lambda t: one(params, *t), (task.X, task.y, task.x_query, task.y_query),
                            batch_size=64)
-    return jnp.mean(per_task, axis=0)
+    return jnp.mean(per_task, axis=0), jnp.median(per_task[:, -1])
 
   return jax.jit(errors)
 
@@ -134,7 +134,9 @@ def evaluate(model: str, params, task: Task) -> dict:
   """Query prediction error of a trained model on a batch of tasks, overall and per prompt length.
 
   Returns {"pred_error": mean (y_query - y_hat_query)^2 with all N demonstrations,
-           "per_prompt_length": {n: the same with only the first n demonstrations, n = 1..N}},
+           "pred_error_median": the median over tasks of the same (robust to a few exploding
+             prompts, which the LayerNorm-free Small TF can produce),
+           "per_prompt_length": {n: the same mean with only the first n demonstrations, n = 1..N}},
   the Transformer counterpart of `l2o_jax.metrics.per_prompt_length` (same targets).
   """
   _check_model(model)
@@ -145,5 +147,7 @@ def evaluate(model: str, params, task: Task) -> dict:
     raise ValueError(f"task.X: expected at least one demonstration, got shape {(B, N, d)}")
   # Argument checks, outside jit; eval_shape runs them at trace time without computing anything.
   jax.eval_shape(lambda p, t: predict(model, p, t.X[0], t.y[0], t.x_query[0]), params, task)
-  errs = np.asarray(_prefix_errors_fn(model)(params, task))
-  return {"pred_error": float(errs[N]), "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}
+  errs, median = _prefix_errors_fn(model)(params, task)
+  errs = np.asarray(errs)
+  return {"pred_error": float(errs[N]), "pred_error_median": float(median),
+          "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}
