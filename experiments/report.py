@@ -78,7 +78,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
     if key in refs:
       names.append(LABELS[name]); values.append(refs[key]); errs.append(0); colors.append("0.6")
       fixed.append(None)
-      rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} | | | |")
+      rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} "
+                  f"| {_fmt(refs.get(key + '_median'))} | | |")
   for m in methods:
     job = run["jobs"].get(_job_name(cfg, m, support))
     if job is None:
@@ -103,7 +104,7 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   for key, style in (("lasso", "--"), ("oracle", ":")):
     if key in refs:
       ax.axhline(refs[key], ls=style, color="k", lw=1, label=f"{LABELS[key]} = {refs[key]:.3g}")
-      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | | | |")
+      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | {_fmt(refs.get(key + '_median'))} | | |")
   ax.set_xticks(list(x), names, rotation=30, ha="right")
   ax.set_yscale("log")
   ax.set_ylabel("prediction error  (y - ŷ)²")

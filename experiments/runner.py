@@ -471,11 +471,15 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
   K = max([c.eval.iters] + list(ks or []))
   for name, solver in (("ista", L.ista), ("fista", L.fista)):
     traj = jax.jit(jax.vmap(lambda X, y: solver(X, y, lam, K, return_trajectory=True)))(task.X, task.y)
-    errs = np.asarray(jnp.mean((task.y_query[:, None] - jnp.einsum("bd,bkd->bk", task.x_query, traj)) ** 2, 0))
+    per_task = np.asarray((task.y_query[:, None] - jnp.einsum("bd,bkd->bk", task.x_query, traj)) ** 2)
+    errs = per_task.mean(0)
     out[name] = float(errs[c.eval.iters - 1])
+    out[f"{name}_median"] = float(np.median(per_task[:, c.eval.iters - 1]))
     out[f"{name}_per_k"] = {int(k): float(errs[k - 1]) for k in (ks or [])}
     out[f"{name}_per_layer"] = [float(e) for e in errs[:c.eval.iters]]
-  out["lasso"] = err(jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y))
+  beta = jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y)
+  out["lasso"] = err(beta)
+  out["lasso_median"] = float(np.median((task.y_query - jnp.einsum("bd,bd->b", task.x_query, beta)) ** 2))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:
     out.update(reference_prompt_lengths(c, support=support))

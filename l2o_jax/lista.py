@@ -441,6 +441,7 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
   nmse = 10.0 * jnp.log10(jnp.sum((final - task.beta) ** 2) / jnp.sum(task.beta ** 2))
-  median = jnp.median((task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2)
+  errors = (task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2
+  median = jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))   # NaN (overflow) counts as +inf
   return {"pred_error": float(per_layer[-1]), "pred_error_median": float(median),
           "per_layer": [float(v) for v in per_layer], "beta_nmse_db": float(nmse)}

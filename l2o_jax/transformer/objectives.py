@@ -105,6 +105,11 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
   return Objective(init, sample, loss)
 
 
+def _median_error(errors):
+  """Median of per-task squared errors; a NaN (an overflowed prediction) counts as +inf."""
+  return jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))
+
+
 @functools.lru_cache(maxsize=None)
 def _prefix_errors_fn(model: str):
   def one(params, X, y, x_query, y_query):
@@ -125,7 +130,7 @@ def _prefix_errors_fn(model: str):
     # every prompt's attention scores, ~2 GB per layer for 4096 prompts of 20 demonstrations.
     per_task = jax.lax.map(lambda t: one(params, *t), (task.X, task.y, task.x_query, task.y_query),
                            batch_size=64)
-    return jnp.mean(per_task, axis=0), jnp.median(per_task[:, -1])
+    return jnp.mean(per_task, axis=0), _median_error(per_task[:, -1])
 
   return jax.jit(errors)
 
