@@ -278,7 +278,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     skipped += int(skipped_now.sum())
     if skipped_now.all(axis=1).any():
       seed_i = int(np.argmax(skipped_now.all(axis=1)))
-      raise NonFiniteLossError(step + 1, f"every step {step + 1}..{end} was non-finite and skipped "
+      raise NonFiniteLossError(step, f"every step {step}..{end - 1} was non-finite and skipped "
                                f"(seed {seeds[seed_i]}); stopped; {_last_good(checkpointer)}")
     bad = first_nonfinite(metrics, step)
     if bad is not None:

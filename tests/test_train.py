@@ -52,7 +52,7 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps():
 
 
 def test_skip_nonfinite_still_stops_when_a_whole_chunk_is_bad():
-  with pytest.raises(T.NonFiniteLossError, match=r"every step 1\.\.5 was non-finite and skipped"):
+  with pytest.raises(T.NonFiniteLossError, match=r"every step 0\.\.4 was non-finite and skipped"):
     T.fit(_spiky_objective(2.0), optax.sgd(0.1), 20, steps_per_call=5, log_fn=None, skip_nonfinite=True)
 
 
