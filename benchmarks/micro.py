@@ -4,6 +4,9 @@
   python -m benchmarks.micro --only=dense    # ops.dense's weight gradient vs XLA's default (and torch)
   python -m benchmarks.micro --only=gpt2     # GPT-2 value_and_grad: the defaults vs remat off,
                                              # unrolled layers, jax.nn.dot_product_attention
+  python -m benchmarks.micro --only=update   # the optimiser step on GPT-2's parameters: Adam with
+                                             # train.make_step's scalar finiteness test vs testing
+                                             # every leaf and selecting old/new state per leaf
   python -m benchmarks.micro --only=small_tf # Small TF query-loss value_and_grad: the defaults
                                              # (unrolled blocks, last block at the query only) vs
                                              # a rolled scan, vs every token in the last block
@@ -74,6 +77,47 @@ def bench_gpt2(repeats: int) -> dict:
   return _time(fns, repeats)
 
 
+def bench_update(repeats: int) -> dict:
+  """Adam + finiteness handling on GPT-2's 9.5M parameters (gradients given): what
+  `train.make_step` does after value_and_grad, against the per-leaf design it replaced."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from l2o_jax import train
+  from l2o_jax.transformer import gpt2
+  params = gpt2.init(jax.random.key(0), d=20, max_points=11)
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), params)
+  opt = train.make_optimizer(1e-4, clip_norm=None)
+  loss = jnp.float32(1.0)
+
+  def scalar_test(params, opt_state, grads, loss):   # train.make_step (skip_nonfinite=False)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, finite
+
+  def per_leaf(params, opt_state, grads, loss):      # the former design: per-leaf test and select
+    updates, new_opt = opt.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & train._all_finite(grads) & train._all_finite(new)
+    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
+    return keep(new, params), keep(new_opt, opt_state), optax.tree.norm(grads)
+
+  def donated(f):
+    # As in the train chunk: the state is donated and each call's output feeds the next.
+    f = jax.jit(f, donate_argnums=(0, 1))
+    state = [jax.tree_util.tree_map(jnp.copy, params), opt.init(params)]
+
+    def call():
+      out = f(*state, grads, loss)   # arguments, not constants XLA would fold at compile time
+      state[:] = out[:2]
+      return out
+    return call
+
+  return _time({f"GPT-2 Adam update (9.5M parameters), state donated: {name}": donated(f)
+                for name, f in (("scalar loss/grad-norm test (train.make_step)", scalar_test),
+                                ("every leaf tested, old/new selected per leaf", per_leaf))}, repeats)
+
+
 def bench_small_tf(repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
@@ -96,13 +140,13 @@ def bench_small_tf(repeats: int) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--only", default="dense,gpt2,small_tf", help="comma-separated: dense, gpt2, small_tf")
+  p.add_argument("--only", default="dense,gpt2,update,small_tf", help="comma-separated: dense, gpt2, update, small_tf")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
   rows = {}
   for name in args.only.split(","):
-    rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "small_tf": bench_small_tf}[name](args.repeats))
+    rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():

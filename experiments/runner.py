@@ -474,12 +474,12 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
     per_task = np.asarray((task.y_query[:, None] - jnp.einsum("bd,bkd->bk", task.x_query, traj)) ** 2)
     errs = per_task.mean(0)
     out[name] = float(errs[c.eval.iters - 1])
-    out[f"{name}_median"] = float(np.median(per_task[:, c.eval.iters - 1]))
+    out[f"{name}_median"] = float(L.median_error(per_task[:, c.eval.iters - 1]))
     out[f"{name}_per_k"] = {int(k): float(errs[k - 1]) for k in (ks or [])}
     out[f"{name}_per_layer"] = [float(e) for e in errs[:c.eval.iters]]
   beta = jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y)
   out["lasso"] = err(beta)
-  out["lasso_median"] = float(np.median((task.y_query - jnp.einsum("bd,bd->b", task.x_query, beta)) ** 2))
+  out["lasso_median"] = float(L.median_prediction_error(task.y_query, task.x_query, beta))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:
     out.update(reference_prompt_lengths(c, support=support))

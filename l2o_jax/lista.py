@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2o_jax import _checks
+from l2o_jax import _checks, metrics
 from l2o_jax import tasks as tasks_lib
 from l2o_jax.ops import soft_threshold
 from l2o_jax.train import Objective
@@ -440,8 +440,7 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   betas = _evaluate(method, params, task.X, task.y, mask)
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
-  nmse = 10.0 * jnp.log10(jnp.sum((final - task.beta) ** 2) / jnp.sum(task.beta ** 2))
-  errors = (task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2
-  median = jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))   # NaN (overflow) counts as +inf
+  median = metrics.median_prediction_error(task.y_query, task.x_query, final)
   return {"pred_error": float(per_layer[-1]), "pred_error_median": float(median),
-          "per_layer": [float(v) for v in per_layer], "beta_nmse_db": float(nmse)}
+          "per_layer": [float(v) for v in per_layer],
+          "beta_nmse_db": float(metrics.beta_nmse_db(final, task.beta))}

@@ -18,7 +18,25 @@ def prediction_error(y_query, x_query, beta_hat):
     raise ValueError(f"x_query: expected shape ({B}, {d}) to match beta_hat, got {_checks.shape_of('x_query', x_query)}")
   if _checks.shape_of("y_query", y_query) != (B,):
     raise ValueError(f"y_query: expected shape ({B},), got {_checks.shape_of('y_query', y_query)}")
-  return jnp.mean((y_query - jnp.einsum("bd,bd->b", x_query, beta_hat)) ** 2)
+  return jnp.mean(_squared_errors(y_query, x_query, beta_hat))
+
+
+def _squared_errors(y_query, x_query, beta_hat):
+  return (y_query - jnp.einsum("bd,bd->b", x_query, beta_hat)) ** 2
+
+
+def median_error(errors):
+  """Median over tasks of per-task squared errors (B,); a NaN (an overflowed prediction) counts
+  as +inf, the worst error, instead of poisoning the median. Robust to a few exploding tasks,
+  whose squared errors dominate the mean."""
+  errors = jnp.asarray(errors)
+  return jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))
+
+
+def median_prediction_error(y_query, x_query, beta_hat):
+  """`prediction_error`'s median counterpart: median over tasks of (y_query - x_query^T beta_hat)^2."""
+  prediction_error(y_query, x_query, beta_hat)   # the same shape checks (cheap: a mean)
+  return median_error(_squared_errors(y_query, x_query, beta_hat))
 
 
 def label_error(y_true, y_pred):

@@ -99,7 +99,8 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
     # Adam's moments and its (bounded) update stay finite too. By default a non-finite step is
     # not undone in memory: the state is discarded (`fit` raises and never saves it), and `fit`
     # checks the parameters once more before every checkpoint. Selecting old-vs-new state per
-    # leaf cost 55 ms of a 0.8 s GPT-2 step on 2 cores (BUILD_NOTES), so only skipping pays it.
+    # leaf costs ~40 ms of a ~0.8 s GPT-2 step on 2 cores (`python -m benchmarks.micro
+    # --only=update`), so only skipping pays it.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

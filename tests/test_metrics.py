@@ -1,5 +1,6 @@
 """Prediction error, NMSE and the per-prompt-length helper."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,3 +35,14 @@ def test_per_prompt_length_uses_first_n():
   assert curve[6] < curve[1]
   with pytest.raises(ValueError, match="lengths"):
     L.per_prompt_length(est, t, lengths=[0])
+
+
+def test_median_errors_count_nan_as_worst():
+  # A NaN (overflowed) task counts as +inf: the median of [1, NaN, 0.5] is 1, not NaN or 0.75.
+  assert float(L.median_error(jnp.array([1.0, jnp.nan, 0.5]))) == 1.0
+  rng = np.random.default_rng(0)
+  yq, xq, b = rng.normal(size=5), rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+  np.testing.assert_allclose(L.median_prediction_error(yq, xq, b),
+                             np.median((yq - np.sum(xq * b, axis=1)) ** 2), rtol=1e-6)
+  with pytest.raises(ValueError, match="x_query"):
+    L.median_prediction_error(yq, xq[:, :2], b)

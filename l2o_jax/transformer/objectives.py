@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2o_jax import _checks
+from l2o_jax.metrics import median_error
 from l2o_jax.tasks import Task, sample_tasks
 from l2o_jax.train import Objective
 from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
@@ -61,6 +62,14 @@ def _predict_batch(model: str, params, X, y, x_query) -> jax.Array:
   return _gpt2()._predict_batch(params, X, y, x_query)
 
 
+def _predict_query_batch(model: str, params, X, y, x_query) -> jax.Array:
+  """(B,) query predictions, `_predict_batch(...)[:, -1]`; Small TF skips the work no other
+  token needs (`small_tf._predict_query_batch`), GPT-2 takes the full pass."""
+  if model == "small_tf":
+    return _small_tf_predict_query_batch(params, X, y, x_query)
+  return _predict_batch(model, params, X, y, x_query)[:, -1]
+
+
 def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=None,
                    batch: int = 64, readout: str = "query", loss_on: str = "query",
                    noise_std: float = 0.0, **model_kwargs) -> Objective:
@@ -95,19 +104,13 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
     # Batch-major forward passes: each weight meets all B * T tokens in one GEMM, and the weight
     # gradients of `ops.dense` stay single GEMMs (under vmap they would be B small ones).
     if loss_on == "query":
-      pred = (_small_tf_predict_query_batch(params, task.X, task.y, task.x_query) if model == "small_tf"
-              else _predict_batch(model, params, task.X, task.y, task.x_query)[:, -1])
+      pred = _predict_query_batch(model, params, task.X, task.y, task.x_query)
       return jnp.mean((task.y_query - pred) ** 2)
     preds = _predict_batch(model, params, task.X, task.y, task.x_query)
     targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
     return jnp.mean((targets - preds) ** 2)
 
   return Objective(init, sample, loss)
-
-
-def _median_error(errors):
-  """Median of per-task squared errors; a NaN (an overflowed prediction) counts as +inf."""
-  return jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +133,7 @@ def _prefix_errors_fn(model: str):
     # every prompt's attention scores, ~2 GB per layer for 4096 prompts of 20 demonstrations.
     per_task = jax.lax.map(lambda t: one(params, *t), (task.X, task.y, task.x_query, task.y_query),
                            batch_size=64)
-    return jnp.mean(per_task, axis=0), _median_error(per_task[:, -1])
+    return jnp.mean(per_task, axis=0), median_error(per_task[:, -1])
 
   return jax.jit(errors)
 

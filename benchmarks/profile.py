@@ -1,0 +1,76 @@
+"""Where a train step's time goes: one profiled train chunk, aggregated per compiled HLO op.
+
+  python -m benchmarks.profile --model=small_tf        # the query-loss Small TF step (batch 64)
+  python -m benchmarks.profile --model=gpt2 --steps=5  # the GPT-2 step (loss on every prefix)
+
+Runs `train.make_train_chunk` once to compile, then once under `jax.profiler.trace` with a
+perfetto trace, sums each op's durations (ms per step; ops that use the thread pool count once
+per thread, so the total can exceed the wall time) and groups them by (op kind, output shape,
+source op) from the compiled HLO. The first table splits the total into GEMMs (`ynn_fusion*`,
+`dot*`: XLA:CPU's YNNPACK and Eigen matmuls) and the other op kinds. This is how the numbers in
+BUILD_NOTES ("~13 of ~70 ms in the scan's residual plumbing", "~720 of ~1,040 profiled ms are
+GEMMs") were found.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+
+def profile(model: str, steps: int, top: int) -> str:
+  import jax
+  from l2o_jax import train
+  from l2o_jax.transformer import make_objective
+  objective = make_objective(model, d=20, n=10, batch=64, loss_on="all" if model == "gpt2" else "query")
+  optimizer = train.make_optimizer(1e-4, clip_norm=None)
+  state = train.init_state(objective, optimizer, 0)
+  chunk = train.make_train_chunk(objective, optimizer, steps)
+  hlo = chunk.lower(state).compile().as_text()   # before the call: the chunk donates `state`
+  state, _ = chunk(state)
+  jax.block_until_ready(state)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      state, _ = chunk(state)
+      jax.block_until_ready(state)
+    events = json.load(gzip.open(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$") and "Thunk" not in e["name"]:
+      per_op[e["name"]] += e["dur"] / 1e3 / steps
+  source = {}
+  for line in hlo.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name="([^"]*)"', line)
+    if m:
+      # transpose(jvp(...)) marks the backward pass
+      source[m.group(1)] = (m.group(2), re.sub(r"^jit\(chunk\)/while/body/(closed_call/)?", "", m.group(3)))
+  kinds, groups = collections.Counter(), collections.Counter()
+  for name, ms in per_op.items():
+    kind = name.split(".")[0]
+    kinds["GEMM" if kind.startswith(("ynn_fusion", "dot")) else kind] += ms
+    groups[(kind, *source.get(name, ("", "")))] += ms
+  lines = [f"{model}: {sum(per_op.values()):.1f} ms of ops per step (profiled, {steps} steps)", "",
+           "| op kind | ms/step |", "|---|---:|"]
+  lines += [f"| {k} | {v:.2f} |" for k, v in kinds.most_common(12)]
+  lines += ["", "| ms/step | op | output | source |", "|---:|---|---|---|"]
+  lines += [f"| {v:.2f} | {k} | {shape} | {src[-70:]} |" for (k, shape, src), v in groups.most_common(top)]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="small_tf", choices=("small_tf", "gpt2"))
+  p.add_argument("--steps", type=int, default=10, help="train steps in the profiled chunk")
+  p.add_argument("--top", type=int, default=30, help="rows of the per-op table")
+  args = p.parse_args(argv)
+  print(profile(args.model, args.steps, args.top))
+
+
+if __name__ == "__main__":
+  main()
