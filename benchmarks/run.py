@@ -17,7 +17,9 @@ Training steps are timed in steady state: a chunk of --steps fused steps per jit
 (`train.make_train_chunk`: on-device sampling, donated state), the first call reported as
 compile time, then --repeats calls timed with `jax.block_until_ready`, median reported. Ours
 and the peer alternate call by call, so load from other processes hits both alike. A trace
-counter checks that each train chunk compiles once.
+counter checks that each train chunk compiles once. On a CPU our Transformer steps run as
+`experiments.main` trains them: the host split into one JAX device per core (`--cpu-devices`),
+the batch data parallel over them; the peer uses as many torch threads as there are cores.
 
 Results: a JSON file in benchmarks/results/ and a section appended to benchmarks/RESULTS.md
 (machine, device, versions, date and the command line).
@@ -49,6 +51,9 @@ def parse_args(argv):
   p.add_argument("--tasks", type=int, default=None, help="inference tasks (default 2e4 quick, 1e5 full)")
   p.add_argument("--sklearn-tasks", type=int, default=None, help="tasks in the scikit-learn loop (default 200 quick, 1000 full)")
   p.add_argument("--lasso-chunk", type=int, default=64, help="tasks per jit(vmap(lasso)) call (also timed: all at once)")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="CPU only: JAX devices to split the host into for our Transformer train steps, "
+                      "data parallel (default 0: one per core, reduced to divide every batch; 1: off)")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count(), the cores XLA uses)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>.json)")
   p.add_argument("--no-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -64,6 +69,8 @@ def parse_args(argv):
   args.batches = [int(b) for b in (args.batches or ("64" if args.quick else "64,256")).split(",")]
   args.tasks = args.tasks or (20_000 if args.quick else 100_000)
   args.sklearn_tasks = args.sklearn_tasks or (200 if args.quick else 1000)
+  if args.cpu_devices < 0:
+    p.error(f"--cpu-devices: expected >= 0 (0 = one per core), got {args.cpu_devices}")
   return args
 
 
@@ -78,9 +85,9 @@ def _median(xs):
 class OurTrainer:
   """A train chunk of `steps` fused steps; `compile_s` is the first call (trace + compile + run)."""
 
-  def __init__(self, objective, steps, lr=1e-4):
+  def __init__(self, objective, steps, lr=1e-4, devices=None):
     import jax
-    from l2o_jax import train
+    from l2o_jax import distributed, train
     self.traces = 0
     inner = objective.loss
 
@@ -92,6 +99,10 @@ class OurTrainer:
     optimizer = train.make_optimizer(lr, clip_norm=None)   # plain Adam, as the peers
     self.steps = steps
     self.state = train.init_state(objective, optimizer, 0)
+    if devices is not None and len(devices) > 1:   # as experiments.main trains on a CPU host
+      mesh = distributed.data_mesh(devices)
+      objective = distributed.data_parallel(objective, mesh)
+      self.state = distributed.replicate(self.state, mesh)
     self.chunk = train.make_train_chunk(objective, optimizer, steps)
     t0 = time.perf_counter()
     self.state, metrics = self.chunk(self.state)
@@ -171,7 +182,8 @@ def bench_train(model, args, ctx, *, d=20, n=10, batches=None, tag=None):
   from benchmarks import torch_peer
   rows = []
   for batch in batches or args.batches:
-    runners = {"l2o_jax": OurTrainer(_transformer_objective(model, batch, d, n), args.steps)}
+    runners = {"l2o_jax": OurTrainer(_transformer_objective(model, batch, d, n), args.steps,
+                                     devices=ctx["train_devices"])}
     if not args.no_peer:
       if model == "gpt2":
         step = torch_peer.make_gpt2_peer(d=d, n=n, batch=batch, device=ctx["torch_device"])
@@ -389,6 +401,7 @@ def _environment(args):
          "command": "python -m benchmarks.run " + " ".join(args.argv), "python": platform.python_version(),
          "machine": platform.machine(), "cpu_count": os.cpu_count(), "cpu": _cpu_model(),
          "jax_device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+         "jax_devices": jax.device_count(),
          "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
   for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "sklearn", "torch", "transformers"):
     try:
@@ -418,7 +431,9 @@ def _fmt(v, digits=3):
 def to_markdown(env, rows) -> str:
   lines = [f"## {env['date_utc']} -- `{env['command']}`", ""]
   lines.append(f"- machine: {env['cpu']} ({env['machine']}, {env['cpu_count']} cores), "
-               f"JAX device {env['jax_device']}, torch device {env.get('torch_device')}; threads: XLA all "
+               f"JAX device {env['jax_device']}"
+               + (f" x {env['jax_devices']} (Transformer steps data parallel over them)" if env.get("jax_devices", 1) > 1 else "")
+               + f", torch device {env.get('torch_device')}; threads: XLA all "
                f"{env['cpu_count']} cores, torch {env.get('torch_threads')} "
                f"(default was {env.get('torch_default_threads')}); load average at start {_fmt(env['load_avg_start'])}")
   lines.append("- versions: " + ", ".join(f"{k} {env[k]}" for k in
@@ -462,8 +477,14 @@ def main(argv=None):
   args.argv = argv
   # Before jax is imported: the platform, and quiet logs.
   os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
-  import jax  # noqa: F401
-  ctx = {"torch_device": "cuda" if args.device == "gpu" else "cpu"}
+  import jax
+  from l2o_jax import distributed
+  if args.device == "cpu":   # before the first JAX computation, as experiments.main does
+    distributed.set_cpu_devices(args.cpu_devices or distributed.auto_cpu_devices(args.batches))
+  # Our Transformer steps run data parallel over the CPU devices, which share the cores the peer's
+  # threads use; on a GPU host, one GPU against the peer's one.
+  ctx = {"torch_device": "cuda" if args.device == "gpu" else "cpu",
+         "train_devices": jax.devices() if args.device == "cpu" else jax.devices()[:1]}
   env = _environment(args)
   needs_torch = not args.no_peer and any(b in args.only for b in ("gpt2", "small_tf", "scaling"))
   if needs_torch:

@@ -4,6 +4,7 @@ Every config field can be overridden, e.g. --config.lista_train.steps=1000 --con
 Relaunching with the same workdir resumes each job from its latest good checkpoint; SIGTERM or
 Ctrl-C saves a checkpoint and exits cleanly. See experiments/runner.py for the outputs.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,11 +25,17 @@ def main(argv):
   config = _CONFIG.value
   from l2o_jax import distributed, train
   from experiments import runner
+  # Both must happen before JAX starts its backends, which validation's device count does.
+  try:
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+      distributed.set_cpu_devices(runner.cpu_device_count(config))
+  except runner.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  distributed.initialize(config.multihost)
   try:
     runner.validate(config)
   except runner.ConfigError as e:
     sys.exit(f"config error: {e}")
-  distributed.initialize(config.multihost)
   import jax
   log = print if jax.process_index() == 0 else (lambda *_: None)
   try:

@@ -7,8 +7,15 @@ training batch is sampled on device inside the compiled step and sharded along i
 instances and all-reduces the gradients. With partitionable threefry (the JAX default) the
 sampled numbers do not depend on the sharding, so a run on 4 devices sees exactly the data of
 a run on 1 device and matches it up to the order of floating-point reductions.
+
+On a CPU, `set_cpu_devices` splits the host into one JAX device per core before JAX starts, and
+the same data parallelism then runs one instance stream per core. XLA:CPU parallelises little
+beyond its larger GEMMs, so the Transformers' train steps (many small GEMMs and element-wise
+fusions) run ~1.2-1.4x faster on 2 cores this way (BUILD_NOTES, "CPU data parallelism").
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -25,6 +32,42 @@ def initialize(multihost: bool = False, **kwargs) -> None:
   otherwise pass coordinator_address, num_processes, process_id). No-op otherwise."""
   if multihost:
     jax.distributed.initialize(**kwargs)
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, not the machine's core count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - not on Linux
+    return os.cpu_count() or 1
+
+
+def auto_cpu_devices(batches=()) -> int:
+  """One device per usable core, reduced to the largest count that divides every batch size."""
+  n = usable_cores()
+  while n > 1 and any(b % n for b in batches):
+    n -= 1
+  return max(n, 1)
+
+
+def set_cpu_devices(n: int) -> int:
+  """Makes JAX's CPU backend present `n` devices (`jax_num_cpu_devices`); returns `n`.
+
+  Must run before JAX initialises its backends (before the first array is created or
+  computation run); afterwards it only succeeds if the CPU backend already has `n` devices.
+  It does not change which platform JAX uses: on a GPU or TPU host the accelerators stay the
+  default devices and the CPU devices go unused.
+  """
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"n: expected a positive integer number of CPU devices, got {n!r}")
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:
+    have = len(jax.devices("cpu"))
+    if have != n:
+      raise ValueError(f"n: JAX's backends are already initialised with {have} CPU device(s), so "
+                       f"{n} cannot be set; call set_cpu_devices before any JAX computation") from None
+  return n
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -1,8 +1,9 @@
 """Data-parallel training on 4 (forced host) devices == 1 device; seeds trained together by vmap
 == seeds trained separately.
 
-The 4-device run needs XLA_FLAGS set before jax is imported, so it runs in a subprocess: this
-file executed as a script (`python tests/test_distributed.py OUT.npz`) is that worker.
+The 4-device run must split the CPU before JAX starts (`distributed.set_cpu_devices`, as
+experiments.main does), so it runs in a subprocess: this file executed as a script
+(`python tests/test_distributed.py OUT.npz`) is that worker.
 """
 import json
 import os
@@ -43,13 +44,16 @@ def _leaves(state):
 
 
 def _worker(out_path):
+  assert distributed.set_cpu_devices(4) == 4   # before any JAX computation
+  from experiments import runner
   mesh = distributed.data_mesh()
   objective = distributed.data_parallel(OBJ, mesh)
   batch = jax.jit(objective.sample)(jax.random.key(3))
   plain = jax.jit(OBJ.sample)(jax.random.key(3))
   info = {"devices": jax.device_count(), "shards": len(batch.X.addressable_shards),
           "spec": str(batch.X.sharding.spec),
-          "same_data": all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in zip(batch, plain))}
+          "same_data": all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in zip(batch, plain)),
+          "job_devices": {f: len(runner.job_devices(f)) for f in ("lista", "tf")}}
   state = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS, log_fn=None,
                     place=lambda s: distributed.replicate(s, mesh)).state
   info["replicated"] = all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == 4
@@ -66,8 +70,10 @@ def one_device():
 
 def test_four_devices_match_one_device(tmp_path, one_device):
   out = tmp_path / "four.npz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env,
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=repo,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -75,6 +81,8 @@ def test_four_devices_match_one_device(tmp_path, one_device):
   assert "data" in info["spec"]                    # the batch really is split over devices
   assert info["same_data"]                         # and holds the same numbers as on one device
   assert info["replicated"]                        # parameters replicated on all 4
+  # The launcher trains Transformers over every CPU device, LISTA-type models on one.
+  assert info["job_devices"] == {"lista": 1, "tf": 4}
   four = np.load(out)
   one = _leaves(one_device.state)
   assert len(four.files) == len(one)
@@ -93,6 +101,27 @@ def test_seeds_vmap_equals_separate_runs(one_device):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   # Different seeds really are different runs.
   assert not np.allclose(together.losses[0], together.losses[1])
+
+
+def test_auto_cpu_devices_divides_the_batches(monkeypatch):
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 6)
+  assert distributed.auto_cpu_devices() == 6
+  assert distributed.auto_cpu_devices([64]) == 4
+  assert distributed.auto_cpu_devices([64, 500]) == 4
+  assert distributed.auto_cpu_devices([63]) == 3
+  assert distributed.auto_cpu_devices([7]) == 1
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 1)
+  assert distributed.auto_cpu_devices([64]) == 1
+
+
+def test_set_cpu_devices_after_start():
+  have = len(jax.devices("cpu"))            # this process's backends are already running
+  assert distributed.set_cpu_devices(have) == have
+  with pytest.raises(ValueError, match=f"already initialised with {have} CPU device"):
+    distributed.set_cpu_devices(have + 1)
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match="n: expected a positive integer"):
+      distributed.set_cpu_devices(bad)
 
 
 def test_mesh_helpers_validate():

@@ -32,6 +32,7 @@ STEPS, SPC = 40, 5
     ({"eval.prompt_lengths": "2,0,20"}, r"eval.prompt_lengths: expected positive integers \(n >= 1 demonstrations\), got 0"),
     ({"eval.prompt_lengths": "-3"}, r"eval.prompt_lengths: expected positive integers .*, got -3"),
     ({"eval.prompt_lengths": "2,x"}, r"eval.prompt_lengths: expected comma-separated integers, got '2,x'"),
+    ({"cpu_devices": -1}, r"cpu_devices: expected an integer >= 0, got -1"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -41,6 +42,18 @@ def test_config_validation_names_field_and_allowed_values(overrides, message):
     (c[section] if section else c)[name] = value
   with pytest.raises(runner.ConfigError, match=message):
     runner.validate(c)
+
+
+def test_cpu_device_count(monkeypatch):
+  from l2o_jax import distributed
+  c = quick.get_config()
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 3)
+  assert c.cpu_devices == 0 and c.tf_train.batch == 64
+  assert runner.cpu_device_count(c) == 2           # auto: one per core, dividing tf_train.batch
+  c.cpu_devices = 5
+  assert runner.cpu_device_count(c) == 5           # an explicit count wins (validate checks batches)
+  c.cpu_devices = 1
+  assert runner.cpu_device_count(c) == 1
 
 
 def test_prompt_lengths_may_exceed_training_n():
