@@ -84,7 +84,6 @@ def _attention(H, Q, K, V):
   return H + jnp.einsum("mej,mji->ei", V @ H, weights)
 
 
-@jax.custom_vjp
 def dense(x, w):
   """x @ w for x (..., K) and w (K, N): a matmul whose weight gradient is fast on XLA:CPU.
 
@@ -94,7 +93,27 @@ def dense(x, w):
   optimization barrier stops XLA from folding it back), so the weight gradient is a canonical
   GEMM. Same arithmetic, same float32 results; on other backends the extra copy is cheap.
   `python -m benchmarks.micro --only=dense` times it against the default.
+
+  Inside `jax.shard_map`, a replicated w used with a per-device x is first marked varying
+  (`lax.pcast`), so its gradient is summed over devices as plain `x @ w`'s would be.
   """
+  vx, vw = _vma(x), _vma(w)
+  if vx - vw:
+    w = jax.lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
+  if vw - vx:
+    x = jax.lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
+  return _dense(x, w)
+
+
+def _vma(x) -> frozenset:
+  """The shard_map mesh axes x varies over (empty outside shard_map)."""
+  t = jax.typeof(x)
+  mat = getattr(t, "manual_axis_type", None)   # jax >= 0.10; earlier releases call it `vma`
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()) or ())
+
+
+@jax.custom_vjp
+def _dense(x, w):
   return x @ w
 
 
@@ -113,7 +132,7 @@ def _dense_bwd(res, g):
   return g @ w.T, dw
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def relu_mlp(H, W1, W2, b):

@@ -29,10 +29,13 @@ class Objective(NamedTuple):
   init(key) -> params (a pytree of arrays).
   sample(key) -> batch: one training batch, drawn on device (pure, jittable).
   loss(params, batch) -> scalar loss to minimise.
+  value_and_grad(loss, params, batch) -> (loss value, grads): how a step differentiates `loss`;
+    None means `jax.value_and_grad(loss)(params, batch)`. `distributed.data_parallel` sets it.
   """
   init: Callable[[jax.Array], Any]
   sample: Callable[[jax.Array], Any]
   loss: Callable[[Any, Any], jax.Array]
+  value_and_grad: Callable[[Callable, Any, Any], tuple] | None = None
 
 
 class TrainState(NamedTuple):
@@ -93,7 +96,10 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, *,
   def step(carry, _):
     state, ok = carry
     batch = objective.sample(jax.random.fold_in(state.key, state.step))
-    loss, grads = jax.value_and_grad(objective.loss)(state.params, batch)
+    if objective.value_and_grad is None:
+      loss, grads = jax.value_and_grad(objective.loss)(state.params, batch)
+    else:
+      loss, grads = objective.value_and_grad(objective.loss, state.params, batch)
     grad_norm = optax.tree.norm(grads)
     # One scalar test instead of a pass over every leaf: a finite norm bounds every g_i^2, so
     # Adam's moments and its (bounded) update stay finite too. By default a non-finite step is

@@ -103,6 +103,17 @@ def test_seeds_vmap_equals_separate_runs(one_device):
   assert not np.allclose(together.losses[0], together.losses[1])
 
 
+def test_mean_value_and_grad_matches_value_and_grad():
+  mesh = distributed.data_mesh(jax.devices()[:1])
+  params = OBJ.init(jax.random.key(0))
+  batch = OBJ.sample(jax.random.key(1))
+  loss, grads = jax.jit(lambda p, b: distributed.mean_value_and_grad(OBJ.loss, p, b, mesh=mesh))(params, batch)
+  ref_loss, ref_grads = jax.value_and_grad(OBJ.loss)(params, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_auto_cpu_devices_divides_the_batches(monkeypatch):
   monkeypatch.setattr(distributed, "usable_cores", lambda: 6)
   assert distributed.auto_cpu_devices() == 6

@@ -98,6 +98,27 @@ def test_dense_matches_matmul_and_its_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_dense_inside_shard_map():
+  """A replicated weight with a per-device x (data parallelism by shard_map): the custom VJP must
+  return a gradient typed like w, summed over devices as plain x @ w's is."""
+  from functools import partial
+  from jax.sharding import Mesh, PartitionSpec as P
+  from l2o_jax.ops import dense
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  w = jax.random.normal(jax.random.key(1), (4, 3))
+
+  @jax.jit
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("x")), out_specs=(P(), P("x")))
+  def grads(w, x):
+    return jax.grad(lambda w, x: jnp.sum(dense(x, w) ** 2), argnums=(0, 1))(w, x)
+
+  dw, dx = grads(w, x)
+  ref_dw, ref_dx = jax.grad(lambda w, x: jnp.sum((x @ w) ** 2), argnums=(0, 1))(w, x)
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+
+
 def test_micro_benchmark_dense_smoke():
   from benchmarks import micro
   rows = micro.bench_dense(1, T=8, K=4, N=6)
