@@ -125,10 +125,15 @@ def _dense_bwd(res, g):
   x, w = res
   K, N = w.shape
   x2, g2 = x.reshape(-1, K), g.reshape(-1, N)
-  if N < K:   # transpose the narrower of the two token-major operands (copies T * min(K, N))
-    dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+  # Transpose the narrower of the two token-major operands (copies T * min(K, N)). The barriers
+  # around the products keep them canonical: XLA would otherwise fold a transpose of the result
+  # (here for N < K, or a caller's w = W.T, as Small TF's MLP) into the GEMM, which then leaves
+  # YNNPACK's path (an Eigen dot: ~2 of ~40 ms a Small TF step at batch 32 on one core).
+  barrier = jax.lax.optimization_barrier
+  if N < K:
+    dw = barrier(barrier(g2.T) @ x2).T
   else:
-    dw = jax.lax.optimization_barrier(x2.T) @ g2
+    dw = barrier(barrier(x2.T) @ g2)
   return g @ w.T, dw
 
 
