@@ -98,6 +98,19 @@ def test_dense_matches_matmul_and_its_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_bmm_matches_einsum_and_its_gradients():
+  from l2o_jax.ops import bmm
+  a = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  b = jax.random.normal(jax.random.key(1), (3, 4, 6))
+  g = jax.random.normal(jax.random.key(2), (3, 5, 6))
+  ref = lambda a, b: jnp.einsum("bpq,bqr->bpr", a, b)
+  np.testing.assert_allclose(bmm(a, b), ref(a, b), rtol=1e-5, atol=1e-6)
+  ours = jax.grad(lambda a, b: jnp.sum(bmm(a, b) * g), argnums=(0, 1))(a, b)
+  theirs = jax.grad(lambda a, b: jnp.sum(ref(a, b) * g), argnums=(0, 1))(a, b)
+  for x, y in zip(ours, theirs):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_dense_inside_shard_map():
   """A replicated weight with a per-device x (data parallelism by shard_map): the custom VJP must
   return a gradient typed like w, summed over devices as plain x @ w's is."""
