@@ -53,7 +53,7 @@ def parse_args(argv):
   p.add_argument("--lasso-chunk", type=int, default=64, help="tasks per jit(vmap(lasso)) call (also timed: all at once)")
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="CPU only: JAX devices to split the host into for our Transformer train steps, "
-                      "data parallel (default 0: one per core, reduced to divide every batch; 1: off)")
+                      "data parallel (default 0: one per core, reduced to divide every batch with >= 16 instances each; 1: off)")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count(), the cores XLA uses)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>.json)")
   p.add_argument("--no-md", action="store_true", help="do not append to benchmarks/RESULTS.md")

@@ -118,9 +118,12 @@ def test_auto_cpu_devices_divides_the_batches(monkeypatch):
   monkeypatch.setattr(distributed, "usable_cores", lambda: 6)
   assert distributed.auto_cpu_devices() == 6
   assert distributed.auto_cpu_devices([64]) == 4
-  assert distributed.auto_cpu_devices([64, 500]) == 4
+  assert distributed.auto_cpu_devices([128, 500]) == 4
   assert distributed.auto_cpu_devices([63]) == 3
   assert distributed.auto_cpu_devices([7]) == 1
+  assert distributed.auto_cpu_devices([96]) == 6
+  assert distributed.auto_cpu_devices([32]) == 2          # at least 16 instances per device
+  assert distributed.auto_cpu_devices([32], min_per_device=8) == 4
   monkeypatch.setattr(distributed, "usable_cores", lambda: 1)
   assert distributed.auto_cpu_devices([64]) == 1
 
