@@ -17,7 +17,7 @@ Training steps are timed in steady state: a chunk of --steps fused steps per jit
 (`train.make_train_chunk`: on-device sampling, donated state), the first call reported as
 compile time, then --repeats calls timed with `jax.block_until_ready`, median reported. Ours
 and the peer alternate call by call, so load from other processes hits both alike. A trace
-counter checks that each train chunk compiles once. On a CPU our Transformer steps run as
+counter checks that each train chunk compiles once. On a CPU our train steps run as
 `experiments.main` trains them: the host split into one JAX device per core (`--cpu-devices`),
 the batch data parallel over them; the peer uses as many torch threads as there are cores.
 
@@ -52,7 +52,7 @@ def parse_args(argv):
   p.add_argument("--sklearn-tasks", type=int, default=None, help="tasks in the scikit-learn loop (default 200 quick, 1000 full)")
   p.add_argument("--lasso-chunk", type=int, default=64, help="tasks per jit(vmap(lasso)) call (also timed: all at once)")
   p.add_argument("--cpu-devices", type=int, default=0,
-                 help="CPU only: JAX devices to split the host into for our Transformer train steps, "
+                 help="CPU only: JAX devices to split the host into for our train steps, "
                       "data parallel (default 0: one per core, reduced to divide every batch with >= 16 instances each; 1: off)")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count(), the cores XLA uses)")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>.json)")
@@ -211,7 +211,8 @@ def bench_lista_vm(args, ctx):
   rows = []
   for batch in ([500] if args.quick else [500, 5000]):
     obj = lista.make_objective("lista_vm", protocol="meta", batch=batch)
-    runner = OurTrainer(obj, args.steps, lr=1e-3)
+    devices = ctx["train_devices"] if batch % len(ctx["train_devices"]) == 0 else None
+    runner = OurTrainer(obj, args.steps, lr=1e-3, devices=devices)
     times = _interleave({"ours": runner}, args.repeats)["ours"]
     rows.append(_train_row("lista_vm", "l2o_jax (meta)", runner, times, batch, d=20, n=10, layers=12))
     _log(rows[-1:])
@@ -432,7 +433,7 @@ def to_markdown(env, rows) -> str:
   lines = [f"## {env['date_utc']} -- `{env['command']}`", ""]
   lines.append(f"- machine: {env['cpu']} ({env['machine']}, {env['cpu_count']} cores), "
                f"JAX device {env['jax_device']}"
-               + (f" x {env['jax_devices']} (Transformer steps data parallel over them)" if env.get("jax_devices", 1) > 1 else "")
+               + (f" x {env['jax_devices']} (train steps data parallel over them)" if env.get("jax_devices", 1) > 1 else "")
                + f", torch device {env.get('torch_device')}; threads: XLA all "
                f"{env['cpu_count']} cores, torch {env.get('torch_threads')} "
                f"(default was {env.get('torch_default_threads')}); load average at start {_fmt(env['load_avg_start'])}")
@@ -481,7 +482,7 @@ def main(argv=None):
   from l2o_jax import distributed
   if args.device == "cpu":   # before the first JAX computation, as experiments.main does
     distributed.set_cpu_devices(args.cpu_devices or distributed.auto_cpu_devices(args.batches))
-  # Our Transformer steps run data parallel over the CPU devices, which share the cores the peer's
+  # Our train steps run data parallel over the CPU devices, which share the cores the peer's
   # threads use; on a GPU host, one GPU against the peer's one.
   ctx = {"torch_device": "cuda" if args.device == "gpu" else "cpu",
          "train_devices": jax.devices() if args.device == "cpu" else jax.devices()[:1]}

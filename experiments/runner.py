@@ -133,9 +133,9 @@ def validate(c) -> None:
       raise ConfigError(f"eval.prompt_lengths: expected positive integers (n >= 1 demonstrations), got {n}")
   _positive("checkpoint.keep", c.checkpoint.keep)
   _positive("cpu_devices", c.cpu_devices, 0)
-  for family, f in (("lista", "lista_train.batch"), ("tf", "tf_train.batch")):
-    devices = len(job_devices(family))
-    if devices > 1:
+  devices = jax.device_count()
+  if devices > 1:
+    for f in ("lista_train.batch", "tf_train.batch"):
       sec, name = f.split(".")
       _multiple(f, c[sec][name], "the device count", devices)
 
@@ -145,17 +145,7 @@ def cpu_device_count(c) -> int:
   _positive("cpu_devices", c.cpu_devices, 0)
   if c.cpu_devices:
     return c.cpu_devices
-  return distributed.auto_cpu_devices([c.tf_train.batch])
-
-
-def job_devices(family: str) -> list:
-  """The devices a job's data-parallel training uses: all of them, except that on a single CPU
-  host LISTA-type jobs use one (their steps are too small to gain from splitting the host:
-  LISTA-VM's meta step measured 9.4 ms on one device, 11.4 ms on two; BUILD_NOTES)."""
-  devices = jax.devices()
-  if family == "lista" and devices[0].platform == "cpu" and jax.process_count() == 1:
-    return devices[:1]
-  return devices
+  return distributed.auto_cpu_devices([c.tf_train.batch, c.lista_train.batch])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,12 +574,12 @@ def run(c, workdir: str, *, log: Callable[[str], None] = print) -> dict | None:
   validate(c)
   check_workdir(c, workdir, log)
   studies = _split(c.studies)
-  meshes = {family: distributed.data_mesh(job_devices(family)) for family in ("lista", "tf")}
+  mesh = distributed.data_mesh()
   results: dict[str, Any] = {"config": c.name, "studies": studies, "jobs": {}, "references": {}}
   t0 = time.time()
   with train.StopOnSignal() as stop:
     for job in plan_jobs(c):
-      out = run_job(c, job, workdir, mesh=meshes[job.family], stop=stop, log=log)
+      out = run_job(c, job, workdir, mesh=mesh, stop=stop, log=log)
       if out is None:
         log(f"stopped by signal {stop.signum}; checkpoints saved; relaunch the same command to resume")
         return None

@@ -15,8 +15,8 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0                      # base seed: seeds seed, seed+1, ... are trained
   c.seeds = 1                     # number of seeds trained together in one program (vmap); results give mean and std
   c.multihost = False             # call jax.distributed.initialize() first (one process per host)
-  c.cpu_devices = 0               # on a CPU host: JAX devices to split it into for data-parallel Transformer
-                                  # training (0 = one per core, reduced to divide tf_train.batch with >= 16 each; 1 = off)
+  c.cpu_devices = 0               # on a CPU host: JAX devices to split it into for data-parallel training
+                                  # (0 = one per core, reduced to divide both train batches with >= 16 each; 1 = off)
 
   c.problem = ml_collections.ConfigDict()
   c.problem.d = 20                # dimension of beta*
