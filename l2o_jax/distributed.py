@@ -3,12 +3,11 @@
 One 1-D `Mesh` with axis "data" over every device (of every process, after
 `initialize(multihost=True)`). Parameters, optimizer state and keys are replicated; each
 training batch is sampled on device inside the compiled step and sharded along its leading
-(instance) axis by a sharding constraint; each device differentiates its own instances. With partitionable threefry (the JAX default) the
-sampled numbers do not depend on the sharding, so a run on 4 devices sees exactly the data of
-a run on 1 device and matches it up to the order of floating-point reductions.
-
-`data_parallel` takes each device's gradient inside `jax.shard_map` and averages them with one
-all-reduce of a single flat buffer per step (`mean_value_and_grad`).
+(instance) axis by a sharding constraint. Each device differentiates its own instances inside
+`jax.shard_map`, and one all-reduce of a single flat buffer per step averages the gradients
+(`mean_value_and_grad`). With partitionable threefry (the JAX default) the sampled numbers do
+not depend on the sharding, so a run on 4 devices sees exactly the data of a run on 1 device
+and matches it up to the order of floating-point reductions.
 
 On a CPU, `set_cpu_devices` splits the host into one JAX device per core before JAX starts, and
 the same data parallelism then runs one instance stream per core. XLA:CPU parallelises little

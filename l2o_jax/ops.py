@@ -97,12 +97,7 @@ def dense(x, w):
   Inside `jax.shard_map`, a replicated w used with a per-device x is first marked varying
   (`lax.pcast`), so its gradient is summed over devices as plain `x @ w`'s would be.
   """
-  vx, vw = _vma(x), _vma(w)
-  if vx - vw:
-    w = jax.lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
-  if vw - vx:
-    x = jax.lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
-  return _dense(x, w)
+  return _dense(*_same_varying_axes(x, w))
 
 
 def _vma(x) -> frozenset:
@@ -110,6 +105,18 @@ def _vma(x) -> frozenset:
   t = jax.typeof(x)
   mat = getattr(t, "manual_axis_type", None)   # jax >= 0.10; earlier releases call it `vma`
   return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()) or ())
+
+
+def _same_varying_axes(a, b):
+  """(a, b), each marked varying over the shard_map axes the other varies over: a custom VJP
+  must return each gradient typed like its input, and JAX's own transpose of the cast then sums
+  the gradient of a replicated operand over devices."""
+  va, vb = _vma(a), _vma(b)
+  if va - vb:
+    b = jax.lax.pcast(b, tuple(sorted(va - vb)), to="varying")
+  if vb - va:
+    a = jax.lax.pcast(a, tuple(sorted(vb - va)), to="varying")
+  return a, b
 
 
 @jax.custom_vjp
@@ -140,19 +147,24 @@ def _dense_bwd(res, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@jax.custom_vjp
 def bmm(a, b):
   """Batched a @ b for a (B, P, Q), b (B, Q, R), whose gradients are canonical GEMMs on XLA:CPU.
 
   The gradient for b, a^T g, contracts a's leading (row) axis; left to XLA it is a
   transposed-operand dot that XLA:CPU runs outside YNNPACK (an Eigen dot: ~2 of ~35 ms a Small
   TF step at batch 32 on one core). Here a is transposed into a real copy first, as in `dense`.
+  Works inside `jax.shard_map` as `dense` does.
   """
+  return _bmm(*_same_varying_axes(a, b))
+
+
+@jax.custom_vjp
+def _bmm(a, b):
   return jnp.einsum("bpq,bqr->bpr", a, b)
 
 
 def _bmm_fwd(a, b):
-  return bmm(a, b), (a, b)
+  return _bmm(a, b), (a, b)
 
 
 def _bmm_bwd(res, g):
@@ -161,7 +173,7 @@ def _bmm_bwd(res, g):
   return jnp.einsum("bpr,bqr->bpq", g, b), jnp.einsum("bqp,bpr->bqr", a_t, g)
 
 
-bmm.defvjp(_bmm_fwd, _bmm_bwd)
+_bmm.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def relu_mlp(H, W1, W2, b):

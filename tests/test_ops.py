@@ -111,25 +111,24 @@ def test_bmm_matches_einsum_and_its_gradients():
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_dense_inside_shard_map():
-  """A replicated weight with a per-device x (data parallelism by shard_map): the custom VJP must
-  return a gradient typed like w, summed over devices as plain x @ w's is."""
+def test_dense_and_bmm_inside_shard_map():
+  """A replicated operand with a per-device one (data parallelism by shard_map): the custom VJPs
+  must return gradients typed like their inputs, summed over devices as plain matmuls' are."""
   from functools import partial
   from jax.sharding import Mesh, PartitionSpec as P
-  from l2o_jax.ops import dense
+  from l2o_jax.ops import bmm, dense
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
   x = jax.random.normal(jax.random.key(0), (6, 4))
   w = jax.random.normal(jax.random.key(1), (4, 3))
-
-  @jax.jit
-  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("x")), out_specs=(P(), P("x")))
-  def grads(w, x):
-    return jax.grad(lambda w, x: jnp.sum(dense(x, w) ** 2), argnums=(0, 1))(w, x)
-
-  dw, dx = grads(w, x)
-  ref_dw, ref_dx = jax.grad(lambda w, x: jnp.sum((x @ w) ** 2), argnums=(0, 1))(w, x)
-  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  b = jax.random.normal(jax.random.key(2), (1, 4, 3))
+  cases = [(lambda w, x: dense(x, w), lambda w, x: x @ w, w, x),     # replicated weight, split x
+           (bmm, lambda a, b: a @ b, x[None], b)]                       # replicated a, split b
+  for ours, plain, u, v in cases:
+    grads = jax.jit(partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("x")), out_specs=(P(), P("x")))(
+        jax.grad(lambda u, v: jnp.sum(ours(u, v) ** 2), argnums=(0, 1))))
+    ref = jax.grad(lambda u, v: jnp.sum(plain(u, v) ** 2), argnums=(0, 1))(u, v)
+    for got, want in zip(grads(u, v), ref):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_micro_benchmark_dense_smoke():
