@@ -10,6 +10,10 @@
   python -m benchmarks.micro --only=small_tf # Small TF query-loss value_and_grad: the defaults
                                              # (unrolled blocks, last block at the query only) vs
                                              # a rolled scan, vs every token in the last block
+  python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
+                                             # the host split into one device per core, data
+                                             # parallel (experiments.main's default): Small TF,
+                                             # LISTA-VM meta-training, GPT-2
 
 Variants run interleaved in one process (repeats x variants) and report min and median ms, so
 a slower or busier machine shifts every variant alike. Results print as a markdown table.
@@ -138,15 +142,47 @@ def bench_small_tf(repeats: int) -> dict:
   return _time(fns, repeats)
 
 
+def bench_devices(repeats: int) -> dict:
+  """experiments.main's CPU data parallelism: the same train chunk on devices[:1] and on every
+  CPU device (main() splits the host before JAX starts). Rows are ms per train step."""
+  import jax
+  from l2o_jax import distributed, lista, train
+  from l2o_jax.transformer import make_objective
+  cases = {"Small TF (query loss, batch 64)": (lambda: make_objective("small_tf", batch=64), 10, 1e-4),
+           "LISTA-VM meta (batch 500)": (lambda: lista.make_objective("lista_vm", protocol="meta", batch=500), 20, 1e-3),
+           "GPT-2 (every prefix, batch 64)": (lambda: make_objective("gpt2", batch=64, loss_on="all"), 2, 1e-4)}
+  fns, steps_of = {}, {}
+  for case, (make, steps, lr) in cases.items():
+    for label, devices in (("1 device", jax.devices()[:1]), (f"{jax.device_count()} devices", jax.devices())):
+      mesh = distributed.data_mesh(devices)
+      objective = distributed.data_parallel(make(), mesh)
+      optimizer = train.make_optimizer(lr, clip_norm=None)
+      box = [distributed.replicate(train.init_state(objective, optimizer, 0), mesh)]
+      chunk = train.make_train_chunk(objective, optimizer, steps)
+
+      def call(chunk=chunk, box=box):
+        box[0], _ = chunk(box[0])     # the state is donated: keep the new one
+        return box[0]
+
+      name = f"{case}: {label}, ms per step"
+      fns[name], steps_of[name] = call, steps
+  return {k: (lo / steps_of[k], med / steps_of[k]) for k, (lo, med) in _time(fns, repeats).items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--only", default="dense,gpt2,update,small_tf", help="comma-separated: dense, gpt2, update, small_tf")
+  p.add_argument("--only", default="dense,gpt2,update,small_tf",
+                 help="comma-separated: dense, gpt2, update, small_tf, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
+  if "devices" in args.only.split(","):
+    from l2o_jax import distributed
+    distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
   for name in args.only.split(","):
-    rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf}[name](args.repeats))
+    rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
+                 "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():

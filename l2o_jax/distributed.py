@@ -11,8 +11,8 @@ and matches it up to the order of floating-point reductions.
 
 On a CPU, `set_cpu_devices` splits the host into one JAX device per core before JAX starts, and
 the same data parallelism then runs one instance stream per core. XLA:CPU parallelises little
-beyond its larger GEMMs, so the Transformers' train steps (many small GEMMs and element-wise
-fusions) run ~1.35-1.5x faster on 2 cores this way (BUILD_NOTES, "CPU data parallelism").
+beyond its larger GEMMs, so on 2 cores train steps run faster this way: Small TF 1.6x, LISTA-VM
+2.0x, GPT-2 1.1x (`python -m benchmarks.micro --only=devices`; BUILD_NOTES).
 """
 from __future__ import annotations
 

@@ -102,9 +102,7 @@ def dense(x, w):
 
 def _vma(x) -> frozenset:
   """The shard_map mesh axes x varies over (empty outside shard_map)."""
-  t = jax.typeof(x)
-  mat = getattr(t, "manual_axis_type", None)   # jax >= 0.10; earlier releases call it `vma`
-  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()) or ())
+  return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
 def _same_varying_axes(a, b):
