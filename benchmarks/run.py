@@ -4,6 +4,7 @@
   python -m benchmarks.run                          # the full suite
   python -m benchmarks.run --only=gpt2,small_tf --repeats=7
   python -m benchmarks.run --device=gpu --only=gpt2,small_tf --batches=64,256 --steps=50
+  bash benchmarks/gpu_session.sh                    # every GPU check of issue 6, one device call
 
 Benchmarks (--only picks a subset):
   gpt2       GPT-2 train step (12 x 256, 8 heads) vs the HF transformers peer (`torch_peer.py`)
@@ -55,6 +56,10 @@ def parse_args(argv):
                  help="CPU only: JAX devices to split the host into for our train steps, "
                       "data parallel (default 0: one per core, reduced to divide every batch with >= 16 instances each; 1: off)")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count(), the cores XLA uses)")
+  p.add_argument("--matmul-precision", default="float32", choices=("float32", "tf32"),
+                 help="GPU only, both sides: float32 matmuls (default; torch's default, while JAX's "
+                      "default precision lets XLA use TF32 on NVIDIA GPUs) or TF32 tensor-core matmuls "
+                      "for both. CPU matmuls are float32 either way")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>.json)")
   p.add_argument("--no-md", action="store_true", help="do not append to benchmarks/RESULTS.md")
   args = p.parse_args(argv)
@@ -437,6 +442,8 @@ def to_markdown(env, rows) -> str:
                + f", torch device {env.get('torch_device')}; threads: XLA all "
                f"{env['cpu_count']} cores, torch {env.get('torch_threads')} "
                f"(default was {env.get('torch_default_threads')}); load average at start {_fmt(env['load_avg_start'])}")
+  if env.get("matmul_precision"):
+    lines.append(f"- matmul precision (ours and the peer's): {env['matmul_precision']}")
   lines.append("- versions: " + ", ".join(f"{k} {env[k]}" for k in
                                           ("python", "jax", "jaxlib", "flax", "optax", "numpy", "sklearn", "torch", "transformers")
                                           if env.get(k)))
@@ -482,6 +489,9 @@ def main(argv=None):
   from l2o_jax import distributed
   if args.device == "cpu":   # before the first JAX computation, as experiments.main does
     distributed.set_cpu_devices(args.cpu_devices or distributed.auto_cpu_devices(args.batches))
+  else:   # the same matmul precision on both sides (--matmul-precision)
+    jax.config.update("jax_default_matmul_precision",
+                      {"float32": "highest", "tf32": "tensorfloat32"}[args.matmul_precision])
   # Our train steps run data parallel over the CPU devices, which share the cores the peer's
   # threads use; on a GPU host, one GPU against the peer's one.
   ctx = {"torch_device": "cuda" if args.device == "gpu" else "cpu",
@@ -496,6 +506,10 @@ def main(argv=None):
       torch.set_num_threads(threads)  # the same number of cores as XLA uses
     env["torch_threads"] = torch.get_num_threads()
     env["torch_device"] = ctx["torch_device"]
+    if args.device == "gpu":
+      torch.backends.cuda.matmul.allow_tf32 = args.matmul_precision == "tf32"
+  if args.device == "gpu":
+    env["matmul_precision"] = args.matmul_precision
   print(json.dumps(env), flush=True)
   rows = []
   for name in args.only:

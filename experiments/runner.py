@@ -36,6 +36,11 @@ READOUTS = ("linear", "query", "query_dagger")
 FIXED_X = ("lista", "lista_cp", "alista")          # trained on one fixed X (classical L2O)
 # Config fields that may change between launches on the same workdir (they do not change results).
 RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devices")
+# Fields added after runs were made, with the value those runs used (a relaunch of an older
+# workdir compares its config.json as if it held them).
+ADDED_FIELDS = {"matmul_precision": "float32"}
+# config.matmul_precision -> jax_default_matmul_precision.
+MATMUL_PRECISIONS = {"float32": "highest", "default": None}
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,9 @@ def validate(c) -> None:
       raise ConfigError(f"eval.prompt_lengths: expected positive integers (n >= 1 demonstrations), got {n}")
   _positive("checkpoint.keep", c.checkpoint.keep)
   _positive("cpu_devices", c.cpu_devices, 0)
+  if c.matmul_precision not in MATMUL_PRECISIONS:
+    raise ConfigError(f"matmul_precision: expected one of {', '.join(MATMUL_PRECISIONS)}, "
+                      f"got {c.matmul_precision!r}")
   devices = jax.device_count()
   if devices > 1:
     for f in ("lista_train.batch", "tf_train.batch"):
@@ -548,8 +556,9 @@ def check_workdir(c, workdir: str, log) -> None:
   new = json.loads(c.to_json())
   if os.path.exists(path):
     old = json.load(open(path))
-    diff = sorted(k for k in set(_flat(old)) | set(_flat(new))
-                  if _flat(old).get(k) != _flat(new).get(k) and k not in RELAUNCH_MAY_CHANGE)
+    was = {**ADDED_FIELDS, **_flat(old)}
+    diff = sorted(k for k in set(was) | set(_flat(new))
+                  if was.get(k) != _flat(new).get(k) and k not in RELAUNCH_MAY_CHANGE)
     if diff:
       raise ConfigError(
           f"workdir: {workdir} holds a run with a different config (fields {', '.join(diff)}); its "
@@ -569,9 +578,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def matmul_precision(c):
+  """Context in which every matmul traced uses config.matmul_precision (`jax.default_matmul_precision`)."""
+  return jax.default_matmul_precision(MATMUL_PRECISIONS[c.matmul_precision])
+
+
 def run(c, workdir: str, *, log: Callable[[str], None] = print) -> dict | None:
   """Runs every study of config `c` in `workdir`; returns the aggregated results (None if stopped)."""
   validate(c)
+  with matmul_precision(c):
+    return _run(c, workdir, log)
+
+
+def _run(c, workdir, log):
   check_workdir(c, workdir, log)
   studies = _split(c.studies)
   mesh = distributed.data_mesh()

@@ -33,6 +33,7 @@ STEPS, SPC = 40, 5
     ({"eval.prompt_lengths": "-3"}, r"eval.prompt_lengths: expected positive integers .*, got -3"),
     ({"eval.prompt_lengths": "2,x"}, r"eval.prompt_lengths: expected comma-separated integers, got '2,x'"),
     ({"cpu_devices": -1}, r"cpu_devices: expected an integer >= 0, got -1"),
+    ({"matmul_precision": "tf16"}, r"matmul_precision: expected one of float32, default, got 'tf16'"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -54,6 +55,29 @@ def test_cpu_device_count(monkeypatch):
   assert runner.cpu_device_count(c) == 5           # an explicit count wins (validate checks batches)
   c.cpu_devices = 1
   assert runner.cpu_device_count(c) == 1
+
+
+def test_matmul_precision_scope_and_older_workdirs(tmp_path):
+  c = quick.get_config()
+  assert c.matmul_precision == "float32"
+  before = jax.config.jax_default_matmul_precision
+  with runner.matmul_precision(c):
+    assert jax.config.jax_default_matmul_precision == "highest"   # full float32 on GPUs/TPUs too
+    # ... and it reaches the compiled program: the dot asks for HIGHEST precision.
+    assert "HIGHEST" in jax.jit(lambda a: a @ a).lower(jnp.ones((2, 2))).as_text().upper()
+  assert jax.config.jax_default_matmul_precision == before         # scoped, not process-wide
+  c.matmul_precision = "default"
+  with runner.matmul_precision(c):
+    assert jax.config.jax_default_matmul_precision is None
+  # A workdir written before the field existed ran in float32: relaunching it with the default
+  # config is allowed, with "default" it is refused.
+  old = json.loads(quick.get_config().to_json())
+  del old["matmul_precision"]
+  writers.write_json(str(tmp_path / "config.json"), old)
+  runner.check_workdir(quick.get_config(), str(tmp_path), log=lambda m: None)
+  writers.write_json(str(tmp_path / "config.json"), old)
+  with pytest.raises(runner.ConfigError, match=r"different config \(fields matmul_precision\)"):
+    runner.check_workdir(c, str(tmp_path), log=lambda m: None)
 
 
 def test_prompt_lengths_may_exceed_training_n():

@@ -17,6 +17,9 @@ def base() -> ml_collections.ConfigDict:
   c.multihost = False             # call jax.distributed.initialize() first (one process per host)
   c.cpu_devices = 0               # on a CPU host: JAX devices to split it into for data-parallel training
                                   # (0 = one per core, reduced to divide both train batches with >= 16 each; 1 = off)
+  c.matmul_precision = "float32"  # "float32": full float32 matmuls (PyTorch's default, the paper's code line);
+                                  # "default": JAX's backend default (TF32 on recent NVIDIA GPUs, bfloat16
+                                  # passes on TPU: faster, less exact). CPU matmuls are float32 either way.
 
   c.problem = ml_collections.ConfigDict()
   c.problem.d = 20                # dimension of beta*
