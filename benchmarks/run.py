@@ -511,6 +511,9 @@ def main(argv=None):
   if args.device == "gpu":
     env["matmul_precision"] = args.matmul_precision
   print(json.dumps(env), flush=True)
+  out = args.out or os.path.join(HERE, "results", datetime.datetime.now(datetime.timezone.utc)
+                                 .strftime("%Y%m%dT%H%M%SZ") + ".json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   rows = []
   for name in args.only:
     print(f"[{name}]", flush=True)
@@ -520,11 +523,9 @@ def main(argv=None):
     else:
       rows += globals()[f"bench_{name}"](args, ctx)
     print(f"[{name}] {time.perf_counter() - t0:.1f}s", flush=True)
-  out = args.out or os.path.join(HERE, "results", datetime.datetime.now(datetime.timezone.utc)
-                                 .strftime("%Y%m%dT%H%M%SZ") + ".json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"env": env, "results": rows}, f, indent=1)
+    # Rewritten after every benchmark: a run stopped early (a time limit) keeps what it measured.
+    with open(out, "w") as f:
+      json.dump({"env": env, "results": rows, "complete": name == args.only[-1]}, f, indent=1)
   md = to_markdown(env, rows)
   print(md)
   if not args.no_md:
