@@ -96,8 +96,19 @@ def dense(x, w):
 
   Inside `jax.shard_map`, a replicated w used with a per-device x is first marked varying
   (`lax.pcast`), so its gradient is summed over devices as plain `x @ w`'s would be.
+
+  On other backends `dense` is plain `x @ w` (`_cpu_gemm_workaround`).
   """
+  if not _cpu_gemm_workaround():
+    return x @ w
   return _dense(*_same_varying_axes(x, w))
+
+
+def _cpu_gemm_workaround() -> bool:
+  """Whether `dense` and `bmm` take their custom gradients: only when tracing for the CPU (the
+  default backend). GPUs and TPUs take transposed operands natively (cuBLAS's transpose flags), so
+  there the copies and barriers would only add kernels to a step; plain autodiff is used."""
+  return jax.default_backend() == "cpu"
 
 
 def _vma(x) -> frozenset:
@@ -151,8 +162,10 @@ def bmm(a, b):
   The gradient for b, a^T g, contracts a's leading (row) axis; left to XLA it is a
   transposed-operand dot that XLA:CPU runs outside YNNPACK (an Eigen dot: ~2 of ~35 ms a Small
   TF step at batch 32 on one core). Here a is transposed into a real copy first, as in `dense`.
-  Works inside `jax.shard_map` as `dense` does.
+  Works inside `jax.shard_map` as `dense` does; plain `einsum` off the CPU, as `dense`.
   """
+  if not _cpu_gemm_workaround():
+    return jnp.einsum("bpq,bqr->bpr", a, b)
   return _bmm(*_same_varying_axes(a, b))
 
 

@@ -111,6 +111,22 @@ def test_bmm_matches_einsum_and_its_gradients():
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
+def test_dense_and_bmm_custom_gradients_only_for_cpu(monkeypatch):
+  # The copies and barriers work around XLA:CPU's GEMMs; on a GPU/TPU default backend both ops
+  # are plain matmuls whose gradients XLA forms itself.
+  from l2o_jax import ops
+  x, w = jnp.ones((6, 4)), jnp.ones((4, 3))
+  a, b = jnp.ones((2, 5, 4)), jnp.ones((2, 4, 3))
+  loss = lambda f: jax.grad(lambda *args: jnp.sum(f(*args)), argnums=(0, 1))
+  has_custom = lambda f, *args: "optimization_barrier" in str(jax.make_jaxpr(loss(f))(*args))
+  assert has_custom(ops.dense, x, w) and has_custom(ops.bmm, a, b)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not has_custom(ops.dense, x, w) and not has_custom(ops.bmm, a, b)
+  np.testing.assert_allclose(ops.dense(x, w), x @ w)
+  for got, want in zip(loss(ops.bmm)(a, b), loss(lambda a, b: a @ b)(a, b)):
+    np.testing.assert_allclose(got, want)
+
+
 def test_dense_and_bmm_inside_shard_map():
   """A replicated operand with a per-device one (data parallelism by shard_map): the custom VJPs
   must return gradients typed like their inputs, summed over devices as plain matmuls' are."""
