@@ -3,7 +3,8 @@
 # root on the GPU machine:
 #
 #   OUT=gpu_out bash benchmarks/gpu_session.sh          # results under $OUT (default gpu_out/)
-#   bash benchmarks/gpu_session.sh tests                # the test suite on the GPU instead
+#   bash benchmarks/gpu_session.sh tests                # the test suite on the GPU instead (needs
+#                                                       # ml-collections: a wheel in .whl/, below)
 #
 # What it runs (each step under a time limit, so a slow one cannot eat the rest):
 #   1. the machine: GPU name, driver, versions                          -> $OUT/gpu_env.txt
