@@ -49,7 +49,10 @@ def format_table(rows: list[dict], num_iters: int = 12) -> str:
 if __name__ == "__main__":
   import time
   t0 = time.time()
-  rows = classical_rows()
+  # Full float32 matmuls, as the launcher's default config.matmul_precision (on a GPU JAX would
+  # otherwise use TF32, too coarse for the LASSO's duality-gap certificate); no-op on CPU.
+  with jax.default_matmul_precision("highest"):
+    rows = classical_rows()
   print("Prediction error on 4096 fresh tasks (d=20, N=10, S=3, noiseless):")
   print(format_table(rows))
   print(f"({time.time() - t0:.1f}s)")

@@ -131,7 +131,8 @@ def mean_value_and_grad(loss, params, batch, *, mesh: Mesh):
 
   Why not let XLA partition `jax.value_and_grad`: it all-reduces each weight gradient where it
   is formed, and XLA:CPU's in-process all-reduce then synchronises the devices once per buffer
-  (61 rendezvous per Small TF step), which cost ~10 ms of a ~55 ms two-device step on 2 cores.
+  (61 rendezvous per Small TF step), which cost ~10 ms of a ~55 ms two-device step on 2 cores
+  (ad-hoc profile and A/B, BUILD_NOTES; that version is gone from the code).
   """
   size = mesh.devices.size
 

@@ -91,8 +91,8 @@ def dense(x, w):
   operands. XLA folds that transpose into the dot, and XLA:CPU's fast GEMM path (YNNPACK) does
   not take such a dot. `dense` makes the narrower token-major operand a real transposed copy (an
   optimization barrier stops XLA from folding it back), so the weight gradient is a canonical
-  GEMM. Same arithmetic, same float32 results; on other backends the extra copy is cheap.
-  `python -m benchmarks.micro --only=dense` times it against the default.
+  GEMM. Same arithmetic, same float32 results. `python -m benchmarks.micro --only=dense` times it
+  against the default.
 
   Inside `jax.shard_map`, a replicated w used with a per-device x is first marked varying
   (`lax.pcast`), so its gradient is summed over devices as plain `x @ w`'s would be.
@@ -144,7 +144,8 @@ def _dense_bwd(res, g):
   # Transpose the narrower of the two token-major operands (copies T * min(K, N)). The barriers
   # around the products keep them canonical: XLA would otherwise fold a transpose of the result
   # (here for N < K, or a caller's w = W.T, as Small TF's MLP) into the GEMM, which then leaves
-  # YNNPACK's path (an Eigen dot: ~2 of ~40 ms a Small TF step at batch 32 on one core).
+  # YNNPACK's path (an Eigen dot: ~2 of ~40 ms a Small TF step at batch 32 on one core, in an
+  # ad-hoc profile; BUILD_NOTES).
   barrier = jax.lax.optimization_barrier
   if N < K:
     dw = barrier(barrier(g2.T) @ x2).T
@@ -161,7 +162,8 @@ def bmm(a, b):
 
   The gradient for b, a^T g, contracts a's leading (row) axis; left to XLA it is a
   transposed-operand dot that XLA:CPU runs outside YNNPACK (an Eigen dot: ~2 of ~35 ms a Small
-  TF step at batch 32 on one core). Here a is transposed into a real copy first, as in `dense`.
+  TF step at batch 32 on one core, ad hoc; BUILD_NOTES). Here a is transposed into a real copy
+  first, as in `dense`.
   Works inside `jax.shard_map` as `dense` does; plain `einsum` off the CPU, as `dense`.
   """
   if not _cpu_gemm_workaround():
