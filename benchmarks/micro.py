@@ -8,8 +8,11 @@
                                              # train.make_step's scalar finiteness test vs testing
                                              # every leaf and selecting old/new state per leaf
   python -m benchmarks.micro --only=small_tf # Small TF query-loss value_and_grad: the defaults
-                                             # (unrolled blocks, last block at the query only) vs
+                                             # (unrolled blocks, last block at the query only,
+                                             # attention in 2 causal blocks) vs one block, vs
                                              # a rolled scan, vs every token in the last block
+  python -m benchmarks.micro --only=small_tf_chunk  # the Small TF train chunk as benchmarks.run
+                                             # times it: defaults vs causal_blocks=1
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
                                              # the host split into one device per core, data
                                              # parallel (experiments.main's default): Small TF,
@@ -130,7 +133,10 @@ def bench_small_tf(repeats: int) -> dict:
   params = stf.small_tf_init(jax.random.key(0), d=20)
   t = sample_tasks(jax.random.key(1), 64, d=20, n=10)
   variants = {
-      "defaults (unrolled, query-only last block)": lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query),
+      "defaults (unrolled, query-only last block, 2 causal blocks)":
+          lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query),
+      "attention over all (query, key) pairs (causal_blocks=1)":
+          lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query, causal_blocks=1),
       "rolled lax.scan": lambda p: stf._predict_query_batch(p, t.X, t.y, t.x_query, unroll=1),
       "every token in the last block": lambda p: stf._predict_batch(p, t.X, t.y, t.x_query)[:, -1],
       "both (the previous default)": lambda p: stf._predict_batch(p, t.X, t.y, t.x_query, unroll=1)[:, -1],
@@ -140,6 +146,45 @@ def bench_small_tf(repeats: int) -> dict:
     f = jax.jit(jax.value_and_grad(lambda p, pred=pred: jnp.mean((t.y_query - pred(p)) ** 2)))
     fns[f"Small TF value_and_grad, batch 64, query loss: {name}"] = lambda f=f: f(params)
   return _time(fns, repeats)
+
+
+def _chunk_call(objective, optimizer, steps, mesh):
+  """A donated train chunk over `mesh`, as experiments.main runs it: call() -> new state."""
+  from l2o_jax import distributed, train
+  objective = distributed.data_parallel(objective, mesh)
+  box = [distributed.replicate(train.init_state(objective, optimizer, 0), mesh)]
+  chunk = train.make_train_chunk(objective, optimizer, steps)
+
+  def call():
+    box[0], _ = chunk(box[0])     # the state is donated: keep the new one
+    return box[0]
+
+  return call
+
+
+def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
+  """The Small TF train chunk (query loss, batch 64, every CPU device data parallel, as
+  experiments.main and benchmarks.run train it): the defaults vs the attention over every
+  (query, key) pair (`causal_blocks=1`). Rows are ms per train step."""
+  import functools
+  from l2o_jax import distributed, train
+  from l2o_jax.transformer import make_objective, objectives
+  from l2o_jax.transformer import small_tf as stf
+  mesh = distributed.data_mesh()
+  fns = {}
+  for label, blocks in ((f"defaults ({stf._causal_blocks(None)} causal blocks)", None),
+                        ("attention over all (query, key) pairs (causal_blocks=1)", 1)):
+    optimizer = train.make_optimizer(1e-4, clip_norm=None)
+    call = _chunk_call(make_objective("small_tf", batch=64), optimizer, steps, mesh)
+    # The objective's loss looks this function up when the chunk is traced (its first call).
+    original = objectives._small_tf_predict_query_batch
+    objectives._small_tf_predict_query_batch = functools.partial(original, causal_blocks=blocks)
+    try:
+      call()
+    finally:
+      objectives._small_tf_predict_query_batch = original
+    fns[f"Small TF train chunk, batch 64, {mesh.devices.size} devices: {label}, ms per step"] = call
+  return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
 
 
 def bench_devices(repeats: int) -> dict:
@@ -154,16 +199,7 @@ def bench_devices(repeats: int) -> dict:
   fns, steps_of = {}, {}
   for case, (make, steps, lr) in cases.items():
     for label, devices in (("1 device", jax.devices()[:1]), (f"{jax.device_count()} devices", jax.devices())):
-      mesh = distributed.data_mesh(devices)
-      objective = distributed.data_parallel(make(), mesh)
-      optimizer = train.make_optimizer(lr, clip_norm=None)
-      box = [distributed.replicate(train.init_state(objective, optimizer, 0), mesh)]
-      chunk = train.make_train_chunk(objective, optimizer, steps)
-
-      def call(chunk=chunk, box=box):
-        box[0], _ = chunk(box[0])     # the state is donated: keep the new one
-        return box[0]
-
+      call = _chunk_call(make(), train.make_optimizer(lr, clip_norm=None), steps, distributed.data_mesh(devices))
       name = f"{case}: {label}, ms per step"
       fns[name], steps_of[name] = call, steps
   return {k: (lo / steps_of[k], med / steps_of[k]) for k, (lo, med) in _time(fns, repeats).items()}
@@ -172,17 +208,17 @@ def bench_devices(repeats: int) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
-                 help="comma-separated: dense, gpt2, update, small_tf, devices")
+                 help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
-  if "devices" in args.only.split(","):
+  if {"devices", "small_tf_chunk"} & set(args.only.split(",")):
     from l2o_jax import distributed
     distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
-                 "devices": bench_devices}[name](args.repeats))
+                 "small_tf_chunk": bench_small_tf_chunk, "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():

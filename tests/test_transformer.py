@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from l2o_jax import lista, sample_tasks
+from l2o_jax.transformer import small_tf as stf
 from l2o_jax.transformer import (SmallTF, embed, evaluate, init_params, linear_readout,
                                  make_objective, predict, query_dagger_readout, query_readout,
                                  readout_kind, small_tf_from_construction, small_tf_init,
@@ -200,11 +201,13 @@ def test_bad_inputs_raise(tf_params, call, match):
     call(tf_params)
 
 
-@pytest.mark.parametrize("readout", ["query", "linear", "query_dagger"])
-def test_batch_major_training_path_equals_vmapped_definition(task, readout):
+@pytest.mark.parametrize("readout,causal_blocks", [("query", None), ("linear", 1),
+                                                  ("query_dagger", 3), ("query", 100)])
+def test_batch_major_training_path_equals_vmapped_definition(task, readout, causal_blocks):
   """The objective's token-major forward (small_tf._predict_batch, ops.dense) equals the
-  per-instance Definition 3.3 pass under vmap: predictions and parameter gradients."""
-  from l2o_jax.transformer import small_tf as stf
+  per-instance Definition 3.3 pass under vmap: predictions and parameter gradients; with the
+  attention's query tokens in the default CPU_CAUSAL_BLOCKS, 1 or 3 blocks, or one per token
+  (more blocks than tokens)."""
   params = small_tf_init(jax.random.key(4), d=d, num_layers=2, num_heads=2, mlp_hidden=7,
                          out_scale=1.0, readout=readout)
 
@@ -214,7 +217,7 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout):
   def loss(pred_fn, p):
     return jnp.sum(jnp.sin(pred_fn(p)))   # weights every prediction differently
 
-  fast = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query)
+  fast = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query, causal_blocks=causal_blocks)
   np.testing.assert_allclose(fast(params), ref(params), rtol=1e-5, atol=1e-5)
   g_ref = jax.grad(lambda p: loss(ref, p))(params)
   g_fast = jax.grad(lambda p: loss(fast, p))(params)
@@ -227,7 +230,6 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout):
 def test_query_only_path_equals_full_pass(task, readout, num_layers):
   """The query loss's path (last block at the query token only) equals the full pass's last
   prediction: values and gradients, every read-out, and K = 1 (no earlier blocks, linear case)."""
-  from l2o_jax.transformer import small_tf as stf
   params = small_tf_init(jax.random.key(5), d=d, num_layers=num_layers, num_heads=2, mlp_hidden=7,
                          out_scale=1.0, readout=readout)
   full = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query)[:, -1]
@@ -237,3 +239,12 @@ def test_query_only_path_equals_full_pass(task, readout, num_layers):
   g_query = jax.grad(lambda p: jnp.sum(jnp.sin(query(p))))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_query), jax.tree_util.tree_leaves(g_full)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))
+
+
+def test_causal_blocks_default_per_backend(monkeypatch):
+  """The attention's query blocks: CPU_CAUSAL_BLOCKS when tracing for the CPU, one elsewhere
+  (launch-bound GPU products), an explicit count always wins."""
+  assert stf._causal_blocks(None) == (stf.CPU_CAUSAL_BLOCKS if jax.default_backend() == "cpu" else 1)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert stf._causal_blocks(None) == 1
+  assert stf._causal_blocks(3) == 3

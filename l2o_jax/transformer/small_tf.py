@@ -92,26 +92,54 @@ def _head_stacks(a):
           jnp.transpose(a["V"], (0, 2, 1)).reshape(M * D, D))
 
 
-def _block_rows(H, p, mask):
+# The masked score matrix is lower triangular, so on a CPU the attention products run over this
+# many query blocks, each only against the keys up to its last query (the 1/i mask zeroes the
+# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, ~8% off the CPU train
+# step (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES). Elsewhere one block: a
+# GPU's tiny batched products are launch-bound, so splitting them would only add kernels.
+CPU_CAUSAL_BLOCKS = 2
+
+
+def _causal_blocks(blocks):
+  if blocks is not None:
+    return blocks
+  return CPU_CAUSAL_BLOCKS if jax.default_backend() == "cpu" else 1
+
+
+def _masked_values(G, H, mask, blocks):
+  """Z (B, T M, D), rows (i, m): sum_{j <= i} mask[i, j] ReLU(g_im . h_j) h_j (Definition 3.1 before
+  V_m), with g_im = A_m h_i = G[b, i, m]. Query tokens in `blocks` contiguous groups (None: the
+  backend's default, `_causal_blocks`); group [lo, hi) needs keys j < hi only."""
+  B, T, M, D = G.shape
+  blocks = _causal_blocks(blocks)
+  edges = sorted({round(T * k / blocks) for k in range(blocks + 1)})
+  Z = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    Hk = H[:, :hi]
+    weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G[:, lo:hi], Hk)) * mask[lo:hi, :, :hi]
+    # sum_m V_m sum_j w_mij h_j: the tokens are aggregated per head first, then one GEMM applies
+    # every V_m (in _block_rows). Aggregating V_m h_j instead costs the same FLOPs, but its
+    # backward pass needs the (B, T, M, D) values transposed (~5% slower per step on CPU).
+    Z.append(bmm(weights.reshape(B, (hi - lo) * M, hi), Hk))
+  return Z[0] if len(Z) == 1 else jnp.concatenate(Z, axis=1)
+
+
+def _block_rows(H, p, mask, causal_blocks=None):
   """One block (Definition 3.3) on H (B, T, D); mask[i, ., j] = 1/i for j <= i."""
   B, T, D = H.shape
   a, m = p["attn"], p["mlp"]
   M = a["Q"].shape[0]
   A_s, V_t = _head_stacks(a)
-  # G holds A_m h_i for every token and head, so the scores are one batched (T M, D) x (D, T)
-  # product per instance.
+  # G holds A_m h_i for every token and head, so the scores are batched (T M, D) x (D, T)
+  # products per instance.
   G = dense(H, A_s).reshape(B, T, M, D)
-  weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G, H)) * mask
-  # sum_m V_m sum_j w_mij h_j: the tokens are aggregated per head first, then one GEMM applies
-  # every V_m. Aggregating V_m h_j instead costs the same FLOPs, but its backward pass needs the
-  # (B, T, M, D) values transposed (~5% slower per step on CPU, BUILD_NOTES).
-  Z = bmm(weights.reshape(B, T * M, T), H).reshape(B, T, M * D)
+  Z = _masked_values(G, H, mask, causal_blocks).reshape(B, T, M * D)
   H = H + dense(Z, V_t)
   Zm = jax.nn.relu(dense(H, m["W1"].T) + m["b"])
   return H + dense(Zm, m["W2"].T)
 
 
-def _forward_rows(params, H, unroll=True):
+def _forward_rows(params, H, unroll=True, causal_blocks=None):
   """`_forward` for a batch in token-major layout: H (B, T, D) -> (B, T, D). Same blocks.
 
   For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
@@ -123,7 +151,8 @@ def _forward_rows(params, H, unroll=True):
   """
   T = H.shape[1]
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
-  return lax.scan(lambda H, p: (_block_rows(H, p, mask), None), H, params, unroll=unroll)[0]
+  block = lambda H, p: (_block_rows(H, p, mask, causal_blocks), None)
+  return lax.scan(block, H, params, unroll=unroll)[0]
 
 
 def _query_block_rows(H, p):
@@ -145,21 +174,23 @@ def _embed_rows(X, y, x_query):
   return jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)       # (B, T, D)
 
 
-def _predict_batch(params, X, y, x_query, unroll=True):
+def _predict_batch(params, X, y, x_query, unroll=True, causal_blocks=None):
   """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
   `jax.vmap(_predict)` with the blocks run by `_forward_rows` (the training objective's hot path)."""
-  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query), unroll), 1, 2)  # (B, D, T)
+  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query), unroll, causal_blocks),
+                       1, 2)  # (B, D, T)
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, H_out, X, x_query)
 
 
-def _predict_query_batch(params, X, y, x_query, unroll=True):
+def _predict_query_batch(params, X, y, x_query, unroll=True, causal_blocks=None):
   """(B,) query predictions, `_predict_batch(...)[:, -1]` at ~1/K less work: the query loss reads
   only the last token, so the last block runs for that token alone (the causal mask means no
   earlier token's output depends on it). Unchecked."""
   body = params["body"]
   first = jax.tree_util.tree_map(lambda x: x[:-1], body)
   last = jax.tree_util.tree_map(lambda x: x[-1], body)
-  hq = _query_block_rows(_forward_rows(first, _embed_rows(X, y, x_query), unroll), last)   # (B, D)
+  H = _forward_rows(first, _embed_rows(X, y, x_query), unroll, causal_blocks)
+  hq = _query_block_rows(H, last)   # (B, D)
   # The read-out of the single query token: the prompt "X" with no demonstrations makes X_tilde
   # the query row alone (Definition 4.2), so the same dispatch serves every read-out.
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, hq[:, :, None], X[:, :0], x_query)[:, 0]
