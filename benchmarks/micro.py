@@ -12,7 +12,8 @@
                                              # attention in 2 causal blocks) vs one block, vs
                                              # a rolled scan, vs every token in the last block
   python -m benchmarks.micro --only=small_tf_chunk  # the Small TF train chunk as benchmarks.run
-                                             # times it: defaults vs causal_blocks=1
+                                             # times it: 2 (default), 1 and 3 causal blocks
+  taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
                                              # the host split into one device per core, data
                                              # parallel (experiments.main's default): Small TF,
@@ -164,27 +165,46 @@ def _chunk_call(objective, optimizer, steps, mesh):
 
 def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
   """The Small TF train chunk (query loss, batch 64, every CPU device data parallel, as
-  experiments.main and benchmarks.run train it): the defaults vs the attention over every
-  (query, key) pair (`causal_blocks=1`). Rows are ms per train step."""
-  import functools
+  experiments.main and benchmarks.run train it) with the attention's query tokens in 1, 2 (the
+  CPU default) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`). Rows are ms per train step."""
   from l2o_jax import distributed, train
-  from l2o_jax.transformer import make_objective, objectives
+  from l2o_jax.transformer import make_objective
   from l2o_jax.transformer import small_tf as stf
   mesh = distributed.data_mesh()
-  fns = {}
-  for label, blocks in ((f"defaults ({stf._causal_blocks(None)} causal blocks)", None),
-                        ("attention over all (query, key) pairs (causal_blocks=1)", 1)):
-    optimizer = train.make_optimizer(1e-4, clip_norm=None)
-    call = _chunk_call(make_objective("small_tf", batch=64), optimizer, steps, mesh)
-    # The objective's loss looks this function up when the chunk is traced (its first call).
-    original = objectives._small_tf_predict_query_batch
-    objectives._small_tf_predict_query_batch = functools.partial(original, causal_blocks=blocks)
+  default, fns = stf.CPU_CAUSAL_BLOCKS, {}
+  for blocks in (default, 1, 3):
+    call = _chunk_call(make_objective("small_tf", batch=64), train.make_optimizer(1e-4, clip_norm=None),
+                       steps, mesh)
+    stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call)
     try:
       call()
     finally:
-      objectives._small_tf_predict_query_batch = original
+      stf.CPU_CAUSAL_BLOCKS = default
+    label = f"{blocks} causal block{'s' * (blocks > 1)}{' (default)' * (blocks == default)}"
     fns[f"Small TF train chunk, batch 64, {mesh.devices.size} devices: {label}, ms per step"] = call
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
+
+
+def bench_gemm_shapes(repeats: int) -> dict:
+  """One jitted float32 x @ w per shape (M, K, N): Small TF's per-device GEMMs (672 = 32 prompts x
+  21 tokens, D = 42, D' = M D = 168) next to padded / transposed variants. XLA:CPU's rate depends
+  on the output width far more than on the FLOPs (BUILD_NOTES). Rows are ms per 100 calls (run on
+  one core: `taskset -c 0`)."""
+  import jax
+  f = jax.jit(lambda x, w: x @ w)
+  fns = {}
+  for M, K, N in ((672, 42, 168), (672, 42, 160), (672, 42, 192), (168, 42, 672),
+                  (672, 168, 42), (672, 192, 42), (42, 672, 168)):
+    x = jax.random.normal(jax.random.key(0), (M, K))
+    w = jax.random.normal(jax.random.key(1), (K, N))
+
+    def call(x=x, w=w):
+      for _ in range(100):
+        r = f(x, w)
+      return r
+
+    fns[f"GEMM ({M}x{K})({K}x{N}), {2 * M * K * N / 1e6:.2f} MFLOP: 100 calls"] = call
+  return _time(fns, repeats)
 
 
 def bench_devices(repeats: int) -> dict:
@@ -208,7 +228,7 @@ def bench_devices(repeats: int) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
-                 help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, devices")
+                 help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, gemm_shapes, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
@@ -218,7 +238,8 @@ def main(argv=None):
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
-                 "small_tf_chunk": bench_small_tf_chunk, "devices": bench_devices}[name](args.repeats))
+                 "small_tf_chunk": bench_small_tf_chunk, "gemm_shapes": bench_gemm_shapes,
+                 "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():

@@ -97,17 +97,19 @@ def dense(x, w):
   Inside `jax.shard_map`, a replicated w used with a per-device x is first marked varying
   (`lax.pcast`), so its gradient is summed over devices as plain `x @ w`'s would be.
 
-  On other backends `dense` is plain `x @ w` (`_cpu_gemm_workaround`).
+  On other backends `dense` is plain `x @ w` (`tracing_for_cpu`).
   """
-  if not _cpu_gemm_workaround():
+  if not tracing_for_cpu():
     return x @ w
   return _dense(*_same_varying_axes(x, w))
 
 
-def _cpu_gemm_workaround() -> bool:
-  """Whether `dense` and `bmm` take their custom gradients: only when tracing for the CPU (the
-  default backend). GPUs and TPUs take transposed operands natively (cuBLAS's transpose flags), so
-  there the copies and barriers would only add kernels to a step; plain autodiff is used."""
+def tracing_for_cpu() -> bool:
+  """Whether programs are being traced for the CPU (the default backend): the one switch for the
+  layout choices tuned to XLA:CPU. Here: `dense` and `bmm` take their custom gradients only on
+  the CPU; GPUs and TPUs take transposed operands natively (cuBLAS's transpose flags), so there
+  the copies and barriers would only add kernels to a step, and plain autodiff is used. Small TF's
+  causal query blocks (`small_tf.CPU_CAUSAL_BLOCKS`) use it too."""
   return jax.default_backend() == "cpu"
 
 
@@ -166,7 +168,7 @@ def bmm(a, b):
   first, as in `dense`.
   Works inside `jax.shard_map` as `dense` does; plain `einsum` off the CPU, as `dense`.
   """
-  if not _cpu_gemm_workaround():
+  if not tracing_for_cpu():
     return jnp.einsum("bpq,bqr->bpr", a, b)
   return _bmm(*_same_varying_axes(a, b))
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from l2o_jax import _checks
-from l2o_jax.ops import _attention, _mlp, bmm, causal_mask, dense
+from l2o_jax.ops import _attention, _mlp, bmm, causal_mask, dense, tracing_for_cpu
 from l2o_jax.transformer import readout as ro
 from l2o_jax.transformer.embedding import _embed, dim_from_D, embed, model_dim
 
@@ -94,16 +94,17 @@ def _head_stacks(a):
 
 # The masked score matrix is lower triangular, so on a CPU the attention products run over this
 # many query blocks, each only against the keys up to its last query (the 1/i mask zeroes the
-# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, ~8% off the CPU train
-# step (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES). Elsewhere one block: a
-# GPU's tiny batched products are launch-bound, so splitting them would only add kernels.
+# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, 2-10% off the CPU
+# train step per run (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES). Elsewhere
+# one block: a GPU's tiny batched products are launch-bound, so splitting them would only add
+# kernels (unmeasured).
 CPU_CAUSAL_BLOCKS = 2
 
 
 def _causal_blocks(blocks):
   if blocks is not None:
     return blocks
-  return CPU_CAUSAL_BLOCKS if jax.default_backend() == "cpu" else 1
+  return CPU_CAUSAL_BLOCKS if tracing_for_cpu() else 1
 
 
 def _masked_values(G, H, mask, blocks):
