@@ -16,8 +16,12 @@ Benchmarks (--only picks a subset):
 
 Training steps are timed in steady state: a chunk of --steps fused steps per jit call
 (`train.make_train_chunk`: on-device sampling, donated state), the first call reported as
-compile time, then --repeats calls timed with `jax.block_until_ready`, median reported. Ours
-and the peer alternate call by call, so load from other processes hits both alike. A trace
+compile time, then --repeats calls timed with `jax.block_until_ready`, median reported. Every
+timed call starts from the state the first call left (restored untimed), so each repeat times the
+same healthy stretch of training: the LayerNorm-free Small TF under plain Adam at lr 1e-4 goes
+non-finite after ~150-400 steps on both sides, and a diverged run times NaN arithmetic (a final
+loss that is still non-finite is flagged in the report). Ours and the peer alternate call by call,
+so load from other processes hits both alike. A trace
 counter checks that each train chunk compiles once. On a CPU our train steps run as
 `experiments.main` trains them: the host split into one JAX device per core (`--cpu-devices`),
 the batch data parallel over them; the peer uses as many torch threads as there are cores.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -114,10 +119,12 @@ class OurTrainer:
     jax.block_until_ready(self.state)
     self.compile_s = time.perf_counter() - t0
     self.loss = float(metrics["loss"][-1])
+    self.start = jax.tree_util.tree_map(lambda x: x.copy(), self.state)   # the chunk donates its input
 
   def __call__(self) -> float:
-    """Seconds per step over one chunk."""
+    """Seconds per step over one chunk, from the state after the first (untimed restore)."""
     import jax
+    self.state = jax.block_until_ready(jax.tree_util.tree_map(lambda x: x.copy(), self.start))
     t0 = time.perf_counter()
     self.state, metrics = self.chunk(self.state)
     jax.block_until_ready(self.state)
@@ -137,8 +144,13 @@ class PeerTrainer:
     self.sync(device)
     self.compile_s = time.perf_counter() - t0
     self.traces = None
+    self.start = torch_peer.snapshot(step)
 
   def __call__(self) -> float:
+    """Seconds per step over `steps` steps, from the state after the warm-up (untimed restore)."""
+    from benchmarks import torch_peer
+    torch_peer.restore(self.step, self.start)
+    self.sync(self.device)
     t0 = time.perf_counter()
     for _ in range(self.steps):
       loss = self.step()
@@ -160,7 +172,12 @@ def _train_row(bench, impl, runner, times, batch, **extra):
   row = {"bench": bench, "impl": impl, "batch": batch, "step_ms": 1e3 * step_s,
          "step_ms_min": 1e3 * min(times), "steps_per_s": 1.0 / step_s, "instances_per_s": batch / step_s,
          "compile_s": runner.compile_s, "projected_1e6_steps_h": step_s * 1e6 / 3600.0,
-         "final_loss": runner.loss, "repeats": len(times)}
+         "final_loss": runner.loss, "repeats": len(times),
+         "step_ms_each": [round(1e3 * t, 3) for t in times]}
+  if not math.isfinite(runner.loss):
+    row["diverged"] = True
+    print(f"WARNING: {bench} {impl}: the last timed call ended with a non-finite loss ({runner.loss}); "
+          "its step time is of NaN arithmetic, not of healthy training", file=sys.stderr)
   if runner.traces is not None:
     row["traces"] = runner.traces
   row.update(extra)
@@ -168,9 +185,14 @@ def _train_row(bench, impl, runner, times, batch, **extra):
 
 
 def _ratio_row(bench, batch, ours, peer, label):
+  """The ratio of the medians (the headline), of the minima, and the spread of the paired ratios:
+  the two sides alternate call by call, so repeat i of each ran at nearly the same moment and
+  peer_i / ours_i shows how much the machine's load moved the headline."""
+  paired = sorted(p / o for p, o in zip(peer["step_ms_each"], ours["step_ms_each"]))
   return {"bench": bench, "impl": f"ratio ({label} / l2o_jax step time)", "batch": batch,
           "ratio": peer["step_ms"] / ours["step_ms"],
-          "ratio_min": peer["step_ms_min"] / ours["step_ms_min"]}
+          "ratio_min": peer["step_ms_min"] / ours["step_ms_min"],
+          "ratio_paired_median": _median(paired), "ratio_paired_range": [paired[0], paired[-1]]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,22 +205,31 @@ def _transformer_objective(model, batch, d=20, n=10):
   return make_objective(model, d=d, n=n, batch=batch, loss_on="all" if model == "gpt2" else "query")
 
 
+# Adam's learning rate per model, the same on both sides (it does not change the arithmetic, so not
+# the step time, only whether the timed steps stay finite). GPT-2: Garg et al.'s 1e-4. Small TF has
+# no LayerNorm, and under plain Adam at 1e-4 without warm-up it goes non-finite after ~130-400
+# steps on both sides (a GPU chunk is 200 steps); at 1e-5 it stayed finite over 1,000 steps (ours)
+# and 500 (the port), measured 2026-12-02 (BUILD_NOTES).
+TRAIN_LR = {"gpt2": 1e-4, "small_tf": 1e-5}
+
+
 def bench_train(model, args, ctx, *, d=20, n=10, batches=None, tag=None):
   from benchmarks import torch_peer
   rows = []
+  lr = TRAIN_LR[model]
   for batch in batches or args.batches:
-    runners = {"l2o_jax": OurTrainer(_transformer_objective(model, batch, d, n), args.steps,
+    runners = {"l2o_jax": OurTrainer(_transformer_objective(model, batch, d, n), args.steps, lr=lr,
                                      devices=ctx["train_devices"])}
     if not args.no_peer:
       if model == "gpt2":
-        step = torch_peer.make_gpt2_peer(d=d, n=n, batch=batch, device=ctx["torch_device"])
+        step = torch_peer.make_gpt2_peer(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"])
         label = "torch HF GPT2Model"
       else:
-        step = torch_peer.make_small_tf_port(d=d, n=n, batch=batch, device=ctx["torch_device"])
+        step = torch_peer.make_small_tf_port(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"])
         label = "torch (our port)"
       runners[label] = PeerTrainer(step, args.steps, ctx["torch_device"])
     times = _interleave(runners, args.repeats)
-    extra = {"d": d, "n": n}
+    extra = {"d": d, "n": n, "lr": lr}
     if tag:
       extra["scan"] = tag
     ours = _train_row(model, "l2o_jax", runners["l2o_jax"], times["l2o_jax"], batch, **extra)
@@ -450,12 +481,19 @@ def to_markdown(env, rows) -> str:
   lines.append("")
   train = [r for r in rows if "step_ms" in r or (r["bench"] != "lasso" and "ratio" in r)]
   if train:
-    lines += ["| bench | impl | batch | N | d | step ms (median) | steps/s | instances/s | compile s | "
-              "10^6 steps (h) | ratio | traces |", "|" + "---|" * 12]
+    lines += ["| bench | impl | batch | N | d | step ms (median) | step ms (min) | steps/s | instances/s | "
+              "compile s | 10^6 steps (h) | ratio | ratio of minima | paired ratios (median, range) | traces |",
+              "|" + "---|" * 15]
     for r in train:
-      lines.append("| " + " | ".join(_fmt(r.get(k)) for k in
-                                     ("bench", "impl", "batch", "n", "d", "step_ms", "steps_per_s", "instances_per_s",
-                                      "compile_s", "projected_1e6_steps_h", "ratio", "traces")) + " |")
+      if r.get("diverged"):
+        r = {**r, "impl": f"{r['impl']} (non-finite loss: not healthy training)"}
+      paired = r.get("ratio_paired_range")
+      paired = (f"{_fmt(r['ratio_paired_median'])} ({_fmt(paired[0])}-{_fmt(paired[1])})"
+                if paired else "")
+      lines.append("| " + " | ".join([_fmt(r.get(k)) for k in
+                                      ("bench", "impl", "batch", "n", "d", "step_ms", "step_ms_min", "steps_per_s",
+                                       "instances_per_s", "compile_s", "projected_1e6_steps_h", "ratio",
+                                       "ratio_min")] + [paired, _fmt(r.get("traces"))]) + " |")
     lines.append("")
   inf = [r for r in rows if r["bench"] == "inference"]
   if inf:

@@ -15,6 +15,7 @@ backward, Adam), nothing hoisted out that a user's loop would not hoist.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -70,7 +71,7 @@ def make_gpt2_peer(*, d: int = 20, n: int = 10, s: int = 3, batch: int = 64, lr:
     opt.step()
     return loss.detach()
 
-  step.model = model
+  step.model, step.optimizer = model, opt
   return step
 
 
@@ -135,8 +136,20 @@ def make_small_tf_port(*, d: int = 20, n: int = 10, s: int = 3, batch: int = 64,
     opt.step()
     return loss.detach()
 
-  step.model = model
+  step.model, step.optimizer = model, opt
   return step
+
+
+def snapshot(step):
+  """Deep copies of a step's model and Adam state, for `restore`."""
+  return copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.optimizer.state_dict())
+
+
+def restore(step, state) -> None:
+  """Puts a step's model and Adam state back to a `snapshot` (copies, so it can be restored again)."""
+  model_state, opt_state = state
+  step.model.load_state_dict(model_state)
+  step.optimizer.load_state_dict(copy.deepcopy(opt_state))
 
 
 def synchronize(device) -> None:

@@ -2,6 +2,7 @@
 one Adam step, bad inputs, and two independent references -- a per-token NumPy loop and (when
 torch/transformers are installed) HF `GPT2Model` given the same weights."""
 import math
+import types
 from typing import NamedTuple
 
 import jax
@@ -216,3 +217,18 @@ def test_benchmark_harness_smoke():
   md = run.to_markdown(env, rows)
   assert "| gpt2 | l2o_jax | 64 | 10 | 20 | 500 |" in md
   assert "| 1.25 |" in md and "| 123 |" in md and "python -m benchmarks.run --quick" in md
+  # Paired ratios: repeat i of each side ran back to back, so peer_i / ours_i is what one moment's
+  # load gives; a slow spell that hits only the peer moves the ratio of medians but not its floor.
+  runner = types.SimpleNamespace(compile_s=1.0, loss=0.5, traces=1)
+  ours = run._train_row("small_tf", "l2o_jax", runner, [0.030, 0.040, 0.032], 64, n=10, d=20)
+  peer = run._train_row("small_tf", "peer", runner, [0.090, 0.080, 0.160], 64, n=10, d=20)
+  ratio = run._ratio_row("small_tf", 64, ours, peer, "peer")
+  assert ours["step_ms_each"] == [30.0, 40.0, 32.0] and ours["step_ms_min"] == pytest.approx(30.0)
+  assert ratio["ratio"] == pytest.approx(90 / 32) and ratio["ratio_min"] == pytest.approx(80 / 30)
+  assert ratio["ratio_paired_median"] == pytest.approx(3.0)
+  assert ratio["ratio_paired_range"] == pytest.approx([2.0, 5.0])
+  md = run.to_markdown(env, [ours, peer, ratio])
+  assert "| small_tf | l2o_jax | 64 | 10 | 20 | 32 | 30 |" in md and "| 2.81 | 2.67 | 3 (2-5) |" in md
+  nan_runner = types.SimpleNamespace(compile_s=1.0, loss=float("nan"), traces=1)
+  diverged = run._train_row("small_tf", "l2o_jax", nan_runner, [0.03], 64)
+  assert diverged["diverged"] and "non-finite loss" in run.to_markdown(env, [diverged])
