@@ -151,28 +151,14 @@ def bench_small_tf(repeats: int) -> dict:
   return _time(fns, repeats)
 
 
-def _chunk_call(objective, optimizer, steps, mesh):
-  """A donated train chunk over `mesh`, as experiments.main runs it: call() -> new state.
-  `call.reset()` (untimed in `_time`) puts back the state the first call left, so every timed
-  call trains the same healthy stretch (as benchmarks.run: Small TF at lr 1e-4 goes NaN after
-  ~130 steps)."""
-  import jax
-  from l2o_jax import distributed, train
-  objective = distributed.data_parallel(objective, mesh)
-  box = [distributed.replicate(train.init_state(objective, optimizer, 0), mesh), None]
-  chunk = train.make_train_chunk(objective, optimizer, steps)
-
-  def call():
-    box[0], _ = chunk(box[0])     # the state is donated: keep the new one
-    if box[1] is None:
-      box[1] = jax.tree_util.tree_map(lambda x: x.copy(), box[0])
-    return box[0]
-
-  def reset():
-    if box[1] is not None:
-      box[0] = jax.block_until_ready(jax.tree_util.tree_map(lambda x: x.copy(), box[1]))
-
-  call.reset = reset
+def _chunk_call(objective, lr, steps, devices):
+  """`benchmarks.run.OurTrainer`'s train chunk (plain Adam, data parallel over `devices`, each
+  timed call from the state its first call left) as a call() for `_time`, with its untimed
+  `reset`. Its first call, the compile, runs here."""
+  from benchmarks.run import OurTrainer
+  trainer = OurTrainer(objective, steps, lr=lr, devices=devices)
+  call = lambda: trainer.run()
+  call.reset = trainer.reset
   return call
 
 
@@ -180,21 +166,19 @@ def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
   """The Small TF train chunk (query loss, batch 64, every CPU device data parallel, as
   experiments.main and benchmarks.run train it) with the attention's query tokens in 1, 2 (the
   CPU default) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`). Rows are ms per train step."""
-  from l2o_jax import distributed, train
+  import jax
+  from benchmarks.run import TRAIN_LR
   from l2o_jax.transformer import make_objective
   from l2o_jax.transformer import small_tf as stf
-  mesh = distributed.data_mesh()
   default, fns = stf.CPU_CAUSAL_BLOCKS, {}
   for blocks in (default, 1, 3):
-    call = _chunk_call(make_objective("small_tf", batch=64), train.make_optimizer(1e-5, clip_norm=None),
-                       steps, mesh)
-    stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call)
+    stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call, in _chunk_call)
     try:
-      call()
+      call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
     finally:
       stf.CPU_CAUSAL_BLOCKS = default
     label = f"{blocks} causal block{'s' * (blocks > 1)}{' (default)' * (blocks == default)}"
-    fns[f"Small TF train chunk, batch 64, {mesh.devices.size} devices: {label}, ms per step"] = call
+    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices: {label}, ms per step"] = call
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
 
 
@@ -206,8 +190,10 @@ def bench_gemm_shapes(repeats: int) -> dict:
   import jax
   f = jax.jit(lambda x, w: x @ w)
   fns = {}
+  # Then D padded 42 -> 48 (BUILD_NOTES, Known gaps): the same four orientations at K or N = 48.
   for M, K, N in ((672, 42, 168), (672, 42, 160), (672, 42, 192), (168, 42, 672),
-                  (672, 168, 42), (672, 192, 42), (42, 672, 168)):
+                  (672, 168, 42), (672, 192, 42), (42, 672, 168), (168, 672, 42),
+                  (672, 48, 168), (672, 168, 48), (48, 672, 168), (168, 672, 48)):
     x = jax.random.normal(jax.random.key(0), (M, K))
     w = jax.random.normal(jax.random.key(1), (K, N))
 
@@ -224,15 +210,16 @@ def bench_devices(repeats: int) -> dict:
   """experiments.main's CPU data parallelism: the same train chunk on devices[:1] and on every
   CPU device (main() splits the host before JAX starts). Rows are ms per train step."""
   import jax
-  from l2o_jax import distributed, lista, train
+  from benchmarks.run import TRAIN_LR
+  from l2o_jax import lista
   from l2o_jax.transformer import make_objective
-  cases = {"Small TF (query loss, batch 64)": (lambda: make_objective("small_tf", batch=64), 10, 1e-5),
+  cases = {"Small TF (query loss, batch 64)": (lambda: make_objective("small_tf", batch=64), 10, TRAIN_LR["small_tf"]),
            "LISTA-VM meta (batch 500)": (lambda: lista.make_objective("lista_vm", protocol="meta", batch=500), 20, 1e-3),
-           "GPT-2 (every prefix, batch 64)": (lambda: make_objective("gpt2", batch=64, loss_on="all"), 2, 1e-4)}
+           "GPT-2 (every prefix, batch 64)": (lambda: make_objective("gpt2", batch=64, loss_on="all"), 2, TRAIN_LR["gpt2"])}
   fns, steps_of = {}, {}
   for case, (make, steps, lr) in cases.items():
     for label, devices in (("1 device", jax.devices()[:1]), (f"{jax.device_count()} devices", jax.devices())):
-      call = _chunk_call(make(), train.make_optimizer(lr, clip_norm=None), steps, distributed.data_mesh(devices))
+      call = _chunk_call(make(), lr, steps, devices)
       name = f"{case}: {label}, ms per step"
       fns[name], steps_of[name] = call, steps
   return {k: (lo / steps_of[k], med / steps_of[k]) for k, (lo, med) in _time(fns, repeats).items()}

@@ -19,7 +19,7 @@ Training steps are timed in steady state: a chunk of --steps fused steps per jit
 compile time, then --repeats calls timed with `jax.block_until_ready`, median reported. Every
 timed call starts from the state the first call left (restored untimed), so each repeat times the
 same healthy stretch of training: the LayerNorm-free Small TF under plain Adam at lr 1e-4 goes
-non-finite after ~150-400 steps on both sides, and a diverged run times NaN arithmetic (a final
+non-finite after ~130-400 steps on both sides, and a diverged run times NaN arithmetic (a final
 loss that is still non-finite is flagged in the report). Ours and the peer alternate call by call,
 so load from other processes hits both alike. A trace
 counter checks that each train chunk compiles once. On a CPU our train steps run as
@@ -93,7 +93,9 @@ def _median(xs):
 
 
 class OurTrainer:
-  """A train chunk of `steps` fused steps; `compile_s` is the first call (trace + compile + run)."""
+  """A train chunk of `steps` fused steps; `compile_s` is the first call (trace + compile + run).
+  Each timed call starts from the state that first call left (`reset`, untimed): the chunk
+  donates its input, so that state is kept as a copy."""
 
   def __init__(self, objective, steps, lr=1e-4, devices=None):
     import jax
@@ -115,22 +117,29 @@ class OurTrainer:
       self.state = distributed.replicate(self.state, mesh)
     self.chunk = train.make_train_chunk(objective, optimizer, steps)
     t0 = time.perf_counter()
-    self.state, metrics = self.chunk(self.state)
-    jax.block_until_ready(self.state)
+    self.run()
     self.compile_s = time.perf_counter() - t0
-    self.loss = float(metrics["loss"][-1])
-    self.start = jax.tree_util.tree_map(lambda x: x.copy(), self.state)   # the chunk donates its input
+    self.start = jax.tree_util.tree_map(lambda x: x.copy(), self.state)
 
-  def __call__(self) -> float:
-    """Seconds per step over one chunk, from the state after the first (untimed restore)."""
+  def reset(self) -> None:
+    """Puts back the state the first call left."""
     import jax
     self.state = jax.block_until_ready(jax.tree_util.tree_map(lambda x: x.copy(), self.start))
-    t0 = time.perf_counter()
+
+  def run(self):
+    """One chunk from the current state, waited for; returns the new state."""
+    import jax
     self.state, metrics = self.chunk(self.state)
     jax.block_until_ready(self.state)
-    dt = (time.perf_counter() - t0) / self.steps
     self.loss = float(metrics["loss"][-1])
-    return dt
+    return self.state
+
+  def __call__(self) -> float:
+    """Seconds per step over one chunk, from the state after the first call (restored untimed)."""
+    self.reset()
+    t0 = time.perf_counter()
+    self.run()
+    return (time.perf_counter() - t0) / self.steps
 
 
 class PeerTrainer:

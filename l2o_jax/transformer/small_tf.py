@@ -94,7 +94,7 @@ def _head_stacks(a):
 
 # The masked score matrix is lower triangular, so on a CPU the attention products run over this
 # many query blocks, each only against the keys up to its last query (the 1/i mask zeroes the
-# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, 2-10% off the CPU
+# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, 0-9% off the CPU
 # train step per run (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES). Elsewhere
 # one block: a GPU's tiny batched products are launch-bound, so splitting them would only add
 # kernels (unmeasured).
