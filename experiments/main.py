@@ -29,15 +29,16 @@ def main(argv):
   try:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       distributed.set_cpu_devices(runner.cpu_device_count(config))
+    multihost_kwargs = runner.multihost_kwargs(config)
   except runner.ConfigError as e:
     sys.exit(f"config error: {e}")
-  distributed.initialize(config.multihost)
+  distributed.initialize(config.multihost, **multihost_kwargs)
   try:
     runner.validate(config)
   except runner.ConfigError as e:
     sys.exit(f"config error: {e}")
   import jax
-  log = print if jax.process_index() == 0 else (lambda *_: None)
+  log = print if jax.process_index() == 0 else (lambda *_, **__: None)   # one process logs
   try:
     out = runner.run(config, _WORKDIR.value, log=lambda m: log(m, flush=True))
   except runner.ConfigError as e:

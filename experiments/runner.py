@@ -35,10 +35,12 @@ METHODS = LISTA_METHODS + TF_METHODS
 READOUTS = ("linear", "query", "query_dagger")
 FIXED_X = ("lista", "lista_cp", "alista")          # trained on one fixed X (classical L2O)
 # Config fields that may change between launches on the same workdir (they do not change results).
-RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devices")
+RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devices",
+                       "coordinator_address", "num_processes", "process_id")
 # Fields added after runs were made, with the value those runs used (a relaunch of an older
 # workdir compares its config.json as if it held them).
-ADDED_FIELDS = {"matmul_precision": "float32"}
+ADDED_FIELDS = {"matmul_precision": "float32", "coordinator_address": "", "num_processes": 0,
+                "process_id": -1}
 # config.matmul_precision -> jax_default_matmul_precision.
 MATMUL_PRECISIONS = {"float32": "highest", "default": None}
 
@@ -146,6 +148,26 @@ def validate(c) -> None:
     for f in ("lista_train.batch", "tf_train.batch"):
       sec, name = f.split(".")
       _multiple(f, c[sec][name], "the device count", devices)
+
+
+def multihost_kwargs(c) -> dict:
+  """`jax.distributed.initialize` arguments from the config's multihost fields (those set)."""
+  kwargs = {}
+  if c.coordinator_address:
+    kwargs["coordinator_address"] = str(c.coordinator_address)
+  if c.num_processes:
+    _positive("num_processes", c.num_processes, 1)
+    kwargs["num_processes"] = c.num_processes
+  if c.process_id != -1:
+    _positive("process_id", c.process_id, 0)
+    if c.num_processes and c.process_id >= c.num_processes:
+      raise ConfigError(f"process_id: expected 0 .. num_processes - 1 = {c.num_processes - 1}, "
+                        f"got {c.process_id}")
+    kwargs["process_id"] = c.process_id
+  if kwargs and not c.multihost:
+    raise ConfigError(f"multihost: the fields {', '.join(kwargs)} are set but multihost is False; "
+                      "pass --config.multihost=True")
+  return kwargs
 
 
 def cpu_device_count(c) -> int:

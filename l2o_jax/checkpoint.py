@@ -100,7 +100,12 @@ class Checkpointer:
     while os.path.exists(dst + (f"-{suffix}" if suffix else "")):
       suffix += 1
     dst += f"-{suffix}" if suffix else ""
-    os.rename(src, dst)
+    # With several processes (multi-host) every one of them fails on the step: one moves it.
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"l2o_jax.checkpoint: moved step {step} aside")
     self._manager = self._open()
     return dst
 

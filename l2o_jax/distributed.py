@@ -9,6 +9,11 @@ training batch is sampled on device inside the compiled step and sharded along i
 not depend on the sharding, so a run on 4 devices sees exactly the data of a run on 1 device
 and matches it up to the order of floating-point reductions.
 
+Several processes (`initialize(multihost=True)`: hosts of a cluster, or processes on one machine,
+whose CPU collectives then go through gloo) run the same program: each initialises the same state,
+`replicate` fills its own devices, and the mesh spans them all (tests/test_distributed.py trains
+two processes of two CPU devices each and checks them against one device).
+
 On a CPU, `set_cpu_devices` splits the host into one JAX device per core before JAX starts, and
 the same data parallelism then runs one instance stream per core. XLA:CPU parallelises little
 beyond its larger GEMMs, so on 2 cores train steps run faster this way: Small TF 1.6x, LISTA-VM
@@ -90,9 +95,23 @@ def data_mesh(devices=None) -> Mesh:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places every leaf of `tree` fully replicated on the mesh."""
+  """Places every leaf of `tree` fully replicated on the mesh.
+
+  With several processes (`initialize(multihost=True)`) every process must pass the same
+  values (as `train.fit` does: each initialises the same seeds); each fills only its own
+  devices, since `jax.device_put` cannot address another process's.
+  """
   sharding = NamedSharding(mesh, P())
-  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+  if sharding.is_fully_addressable:
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+  def global_copy(x):
+    if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):   # typed keys: via their data
+      return jax.random.wrap_key_data(global_copy(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map(global_copy, tree)
 
 
 def shard_batch(batch, mesh: Mesh):

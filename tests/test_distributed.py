@@ -3,12 +3,15 @@
 
 The 4-device run must split the CPU before JAX starts (`distributed.set_cpu_devices`, as
 experiments.main does), so it runs in a subprocess: this file executed as a script
-(`python tests/test_distributed.py OUT.npz`) is that worker.
+(`python tests/test_distributed.py OUT.npz`) is that worker. The multi-process run
+(`jax.distributed`, two processes of two CPU devices each, gloo collectives) uses it too:
+`python tests/test_distributed.py OUT.npz PROCESS_ID PORT CKPT_DIR`.
 """
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -50,23 +53,78 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.opt_state))]
 
 
+def _global(x):
+  """The whole of a (possibly multi-process) sharded array on the host."""
+  from jax.experimental import multihost_utils
+  return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+
+
 def _worker(out_path):
   assert distributed.set_cpu_devices(4) == 4   # before any JAX computation
   mesh = distributed.data_mesh()
   objective = distributed.data_parallel(OBJ, mesh)
-  batch = jax.jit(objective.sample)(jax.random.key(3))
-  plain = jax.jit(OBJ.sample)(jax.random.key(3))
-  info = {"devices": jax.device_count(), "shards": len(batch.X.addressable_shards),
-          "spec": str(batch.X.sharding.spec),
-          "same_data": all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in zip(batch, plain))}
+  info = _sharded_batch_info(objective)
   state = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS, log_fn=None,
                     place=lambda s: distributed.replicate(s, mesh)).state
-  info["replicated"] = all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == 4
-                           for x in jax.tree_util.tree_leaves(state.params))
+  info["replicated"] = _replicated(state)
   lista_state = train.fit(distributed.data_parallel(lista_objective(), mesh), OPT, 5, steps_per_call=5, log_fn=None,
                           place=lambda s: distributed.replicate(s, mesh)).state
   np.savez(out_path, *_leaves(state), *_leaves(lista_state))
   print(json.dumps(info))
+
+
+def _sharded_batch_info(objective):
+  batch = jax.jit(objective.sample)(jax.random.key(3))
+  plain = jax.jit(OBJ.sample)(jax.random.key(3))
+  return {"devices": jax.device_count(), "shards": len(batch.X.addressable_shards),
+          "spec": str(batch.X.sharding.spec),
+          "same_data": all(bool((_global(a) == np.asarray(b)).all()) for a, b in zip(batch, plain))}
+
+
+def _replicated(state):
+  return all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == jax.device_count()
+             for x in jax.tree_util.tree_leaves(state.params))
+
+
+def _multiprocess_worker(out_path, process_id, port, ckpt_dir):
+  """One of two processes with two CPU devices each: the toy training of `_worker` over a mesh
+  that spans both processes, stopped at STEPS / 2 with a checkpoint and resumed to STEPS; then
+  the last checkpoint is damaged and restored from."""
+  from jax.experimental import multihost_utils
+  from l2o_jax.checkpoint import Checkpointer
+  distributed.set_cpu_devices(2)
+  # A short shutdown timeout: a process that fails exits soon instead of waiting 5 minutes for
+  # its peer at shutdown, and the test's run_processes then stops the peer.
+  distributed.initialize(True, coordinator_address=f"localhost:{port}", num_processes=2,
+                         process_id=process_id, shutdown_timeout_seconds=10)
+  assert jax.process_count() == 2 and len(jax.local_devices()) == 2
+  mesh = distributed.data_mesh()
+  objective = distributed.data_parallel(OBJ, mesh)
+  info = _sharded_batch_info(objective)
+  place = lambda s: distributed.replicate(s, mesh)
+  ckpt = Checkpointer(ckpt_dir)
+  half = train.fit(objective, OPT, STEPS // 2, seeds=SEEDS, steps_per_call=STEPS // 2, log_fn=None,
+                   checkpointer=ckpt, place=place)
+  resumed = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS // 2, log_fn=None,
+                      checkpointer=ckpt, place=place)
+  info.update(replicated=_replicated(resumed.state), half_start=half.resumed_from,
+              resumed_start=resumed.resumed_from, steps=ckpt.steps())
+  # A damaged latest step: every process fails to read it, process 0 moves it aside, and all
+  # fall back to the previous one.
+  if jax.process_index() == 0:
+    for root, _, files in os.walk(os.path.join(ckpt_dir, str(STEPS), "default")):
+      for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  multihost_utils.sync_global_devices("damaged")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    info["fallback"] = ckpt.restore_latest(resumed.state)[1]
+  info["moved"] = sum(p.startswith("corrupt-") for p in os.listdir(ckpt_dir))
+  ckpt.close()   # (every process opens and closes a Checkpointer: orbax synchronises them)
+  if jax.process_index() == 0:
+    np.savez(out_path, *_leaves(resumed.state))
+    print(json.dumps(info))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +152,27 @@ def test_four_devices_match_one_device(tmp_path, one_device):
   assert len(four.files) == len(one)
   for i, ref in enumerate(one):
     np.testing.assert_allclose(four[f"arr_{i}"], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_device(tmp_path, one_device, run_processes):
+  """Multi-host data parallelism (`initialize(multihost=True)`) on one machine: two processes,
+  gloo collectives. Same results as one device through a checkpointed stop and resume, and a
+  damaged checkpoint is moved aside once. (experiments.main across processes: test_launcher.)"""
+  out = tmp_path / "two.npz"
+  results = run_processes([[os.path.abspath(__file__), str(out), str(i), "{port}", str(tmp_path / "ckpt")]
+                           for i in (0, 1)])
+  for code, _, err in results:
+    assert code == 0, err[-8000:]
+  info = json.loads([line for line in results[0][1].splitlines() if line.startswith("{")][-1])
+  assert info == {"devices": 4, "shards": 2,                 # 2 of the 4 shards live in each process
+                  "spec": "P('data',)", "same_data": True, "replicated": True,
+                  "half_start": 0, "resumed_start": STEPS // 2, "steps": [STEPS // 2, STEPS],
+                  "fallback": STEPS // 2, "moved": 1}
+  two = np.load(out)
+  one = _leaves(one_device.state)
+  assert len(two.files) == len(one)
+  for i, ref in enumerate(one):
+    np.testing.assert_allclose(two[f"arr_{i}"], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_seeds_vmap_equals_separate_runs(one_device):
@@ -155,4 +234,7 @@ def test_mesh_helpers_validate():
 
 
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  if len(sys.argv) == 5:
+    _multiprocess_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  else:
+    _worker(sys.argv[1])

@@ -57,6 +57,42 @@ def test_cpu_device_count(monkeypatch):
   assert runner.cpu_device_count(c) == 1
 
 
+def test_multihost_fields():
+  c = quick.get_config()
+  assert runner.multihost_kwargs(c) == {}                      # JAX detects TPU / SLURM / MPI clusters
+  c.coordinator_address, c.num_processes, c.process_id = "localhost:1234", 2, 1
+  with pytest.raises(runner.ConfigError, match="multihost: the fields coordinator_address, "
+                                               "num_processes, process_id are set but multihost is False"):
+    runner.multihost_kwargs(c)
+  c.multihost = True
+  assert runner.multihost_kwargs(c) == {"coordinator_address": "localhost:1234", "num_processes": 2,
+                                        "process_id": 1}
+  c.process_id = 2
+  with pytest.raises(runner.ConfigError, match=r"process_id: expected 0 .. num_processes - 1 = 1, got 2"):
+    runner.multihost_kwargs(c)
+  c.process_id = -3
+  with pytest.raises(runner.ConfigError, match=r"process_id: expected an integer >= 0, got -3"):
+    runner.multihost_kwargs(c)
+
+
+def test_two_process_launch(tmp_path, run_processes):
+  """`--config.multihost=True` with an explicit coordinator: two processes on this machine (one
+  CPU device each, gloo collectives) train LISTA-VM data parallel; process 0 alone logs."""
+  args = ["-m", "experiments.main", "--config=experiments/configs/quick.py",
+          f"--workdir={tmp_path / 'run'}", "--config.studies=fig3", "--config.lista_train.steps=20",
+          "--config.lista_train.batch=16", "--config.lista_train.matrices_per_batch=2",
+          "--config.eval.num_tasks=16", "--config.eval.curve_tasks=16", "--config.cpu_devices=1",
+          "--config.multihost=True", "--config.coordinator_address=localhost:{port}",
+          "--config.num_processes=2"]
+  results = run_processes([args + [f"--config.process_id={i}"] for i in (0, 1)])
+  for code, _, err in results:
+    assert code == 0, err[-8000:]
+  (_, out0, _), (_, out1, _) = results
+  assert "[lista_vm] training 20 steps x 16 instances, seeds [0], 2 devices" in out0
+  assert "done in" in out0 and "[lista_vm]" not in out1
+  assert (tmp_path / "run" / "lista_vm" / "results.json").exists()
+
+
 def test_matmul_precision_scope_and_older_workdirs(tmp_path):
   c = quick.get_config()
   assert c.matmul_precision == "float32"

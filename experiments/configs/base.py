@@ -15,6 +15,9 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0                      # base seed: seeds seed, seed+1, ... are trained
   c.seeds = 1                     # number of seeds trained together in one program (vmap); results give mean and std
   c.multihost = False             # call jax.distributed.initialize() first (one process per host)
+  c.coordinator_address = ""      # multihost where JAX cannot detect the cluster (not TPU, SLURM, Open MPI):
+  c.num_processes = 0             # "host:port" of process 0, the process count, and this process's id
+  c.process_id = -1               # (0 .. num_processes - 1); ""/0/-1: detected by JAX
   c.cpu_devices = 0               # on a CPU host: JAX devices to split it into for data-parallel training
                                   # (0 = one per core, reduced to divide both train batches with >= 16 each; 1 = off)
   c.matmul_precision = "float32"  # "float32": full float32 matmuls (PyTorch's default, the paper's code line);
