@@ -438,7 +438,8 @@ def bench_scaling(args, ctx):
 
 def _log(rows):
   for r in rows:
-    print("  " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+    # Six significant digits, not decimals: the Small TF learning rate 1e-5 printed as 0.0.
+    print("  " + json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
 
 
 def _environment(args):

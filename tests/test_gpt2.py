@@ -202,7 +202,7 @@ def test_matches_hf_gpt2(params, task, predict_jit):
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_benchmark_harness_smoke():
+def test_benchmark_harness_smoke(capsys):
   # The benchmark CLI and report (benchmarks/run.py) without running a benchmark or torch.
   from benchmarks import run
   args = run.parse_args(["--quick", "--only=gpt2,lasso", "--batches=64,128"])
@@ -229,6 +229,8 @@ def test_benchmark_harness_smoke():
   assert ratio["ratio_paired_range"] == pytest.approx([2.0, 5.0])
   md = run.to_markdown(env, [ours, peer, ratio])
   assert "| small_tf | l2o_jax | 64 | 10 | 20 | 32 | 30 |" in md and "| 2.81 | 2.67 | 3 (2-5) |" in md
+  run._log([{"bench": "small_tf", "lr": 1e-5, "step_ms": 60.28951234}])   # the progress lines
+  assert capsys.readouterr().out.strip() == '{"bench": "small_tf", "lr": 1e-05, "step_ms": 60.2895}'
   nan_runner = types.SimpleNamespace(compile_s=1.0, loss=float("nan"), traces=1)
   diverged = run._train_row("small_tf", "l2o_jax", nan_runner, [0.03], 64)
   assert diverged["diverged"] and "non-finite loss" in run.to_markdown(env, [diverged])
