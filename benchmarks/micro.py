@@ -13,7 +13,8 @@
                                              # a rolled scan, vs every token in the last block
   python -m benchmarks.micro --only=small_tf_chunk  # the Small TF train chunk as benchmarks.run
                                              # times it: 2 (default), 1 and 3 causal blocks
-  taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape
+  taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape (and
+                                             # numpy's and torch's for the first shape)
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
                                              # the host split into one device per core, data
                                              # parallel (experiments.main's default): Small TF,
@@ -203,6 +204,18 @@ def bench_gemm_shapes(repeats: int) -> dict:
       return r
 
     fns[f"GEMM ({M}x{K})({K}x{N}), {2 * M * K * N / 1e6:.2f} MFLOP: 100 calls"] = call
+  # The same first product through numpy (its bundled OpenBLAS) and torch (one thread): whether
+  # another library is faster on these shapes.
+  import numpy as np
+  a, b = np.random.randn(672, 42).astype(np.float32), np.random.randn(42, 168).astype(np.float32)
+  fns["numpy (672x42)(42x168): 100 calls"] = lambda: [a @ b for _ in range(100)] and None
+  try:
+    import torch
+    torch.set_num_threads(1)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    fns["torch (672x42)(42x168), 1 thread: 100 calls"] = lambda: [ta @ tb for _ in range(100)] and None
+  except ImportError:
+    pass
   return _time(fns, repeats)
 
 

@@ -56,7 +56,7 @@ def _leaves(state):
 def _global(x):
   """The whole of a (possibly multi-process) sharded array on the host."""
   from jax.experimental import multihost_utils
-  return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+  return multihost_utils.process_allgather(x, tiled=True)
 
 
 def _worker(out_path):
@@ -74,6 +74,7 @@ def _worker(out_path):
 
 
 def _sharded_batch_info(objective):
+  """How `data_parallel(OBJ)`'s sampled batch is laid out, and whether it equals OBJ's own."""
   batch = jax.jit(objective.sample)(jax.random.key(3))
   plain = jax.jit(OBJ.sample)(jax.random.key(3))
   return {"devices": jax.device_count(), "shards": len(batch.X.addressable_shards),
