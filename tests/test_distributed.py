@@ -134,10 +134,9 @@ def one_device():
   return train.fit(OBJ, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS, log_fn=None)
 
 
-def test_four_devices_match_one_device(tmp_path, one_device):
+def test_four_devices_match_one_device(tmp_path, one_device, child_env):
   out = tmp_path / "four.npz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = child_env
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=repo,
                         capture_output=True, text=True, timeout=300)

@@ -16,16 +16,20 @@ from l2o_jax.transformer import (SmallTF, embed, evaluate, init_params, linear_r
 d, N = 4, 5
 D = 2 * d + 2
 
+# Eager JAX compiles every primitive on first use; the checks below jit whole computations
+# instead (one compile each), which keeps this module's run time down on CI's 2 cores.
+
 
 @pytest.fixture(scope="module")
 def task():
-  return sample_tasks(jax.random.key(0), 8, d=d, n=N, s=2)
+  return jax.jit(lambda k: sample_tasks(k, 8, d=d, n=N, s=2))(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
 def tf_params():
   # out_scale 1 so that every block changes the sequence visibly.
-  return small_tf_init(jax.random.key(1), d=d, num_layers=3, num_heads=2, mlp_hidden=7, out_scale=1.0)
+  return jax.jit(lambda k: small_tf_init(k, d=d, num_layers=3, num_heads=2, mlp_hidden=7, out_scale=1.0))(
+      jax.random.key(1))
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +108,16 @@ def test_small_tf_from_construction_reproduces_lista_vm(task):
   for readout in ("query", "query_dagger"):
     tf = small_tf_from_construction(params, 1e4, readout=readout)
     assert readout_kind(tf) == readout
-    np.testing.assert_allclose(small_tf_predict(tf, X, y, q), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(small_tf_predict)(tf, X, y, q), want, rtol=1e-4, atol=1e-5)
 
 
 def test_init_shapes_and_readout_kinds():
-  p = small_tf_init(jax.random.key(0))  # the paper's Small TF: d = 20, 12 layers, 4 heads, D = 42
+  # shapes only: eval_shape traces the initialiser without running it
+  p = jax.eval_shape(small_tf_init, jax.random.key(0))  # the paper's Small TF: d = 20, 12 layers, 4 heads, D = 42
   assert p["body"]["attn"]["Q"].shape == (12, 4, 42, 42)
   assert p["body"]["mlp"]["W1"].shape == (12, 168, 42) and p["V"].shape == (42, 20)
   for readout, key in (("linear", "v"), ("query", "V"), ("query_dagger", None)):
-    p = small_tf_init(jax.random.key(0), d=d, num_layers=1, readout=readout)
+    p = jax.eval_shape(lambda k: small_tf_init(k, d=d, num_layers=1, readout=readout), jax.random.key(0))
     assert readout_kind(p) == readout
     assert (key in p) if key else set(p) == {"body"}
 
@@ -128,26 +133,32 @@ def loss_and_grad(objective):
 
 
 def test_one_training_step_lowers_the_loss(objective, loss_and_grad, task):
-  params = objective.init(jax.random.key(0))
-  batch = objective.sample(jax.random.key(1))
+  params = jax.jit(objective.init)(jax.random.key(0))
+  batch = jax.eval_shape(objective.sample, jax.random.key(1))
   assert jax.tree_util.tree_map(jnp.shape, batch) == jax.tree_util.tree_map(jnp.shape, task)
   batch = task  # same shapes as the sampler's, one compile shared with the next test
   opt = optax.adam(1e-3)
   loss0, grads = loss_and_grad(params, batch)
-  updates, _ = opt.update(grads, opt.init(params), params)
-  loss1, _ = loss_and_grad(optax.apply_updates(params, updates), batch)
+
+  @jax.jit
+  def adam_step(params, grads):
+    updates, _ = opt.update(grads, opt.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  loss1, _ = loss_and_grad(adam_step(params, grads), batch)
   assert np.isfinite(loss0) and loss1 < loss0
 
 
 def test_loss_on_query_and_all(objective, task, batch_predict, loss_and_grad):
-  params = objective.init(jax.random.key(0))
+  params = jax.jit(objective.init)(jax.random.key(0))
   preds = np.asarray(batch_predict(params, task.X, task.y, task.x_query))
-  np.testing.assert_allclose(preds[3], small_tf_predict(params, task.X[3], task.y[3], task.x_query[3]), rtol=1e-5)
+  np.testing.assert_allclose(preds[3], jax.jit(small_tf_predict)(params, task.X[3], task.y[3], task.x_query[3]),
+                             rtol=1e-5)
   np.testing.assert_allclose(loss_and_grad(params, task)[0], np.mean((task.y_query - preds[:, -1]) ** 2), rtol=1e-5)
   obj_all = make_objective("small_tf", d=d, n=N, s=2, batch=16, loss_on="all", num_layers=2, num_heads=2,
                            mlp_hidden=8)
   targets = np.concatenate([task.y, task.y_query[:, None]], axis=1)
-  np.testing.assert_allclose(obj_all.loss(params, task), np.mean((targets - preds) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(obj_all.loss)(params, task), np.mean((targets - preds) ** 2), rtol=1e-5)
 
 
 def test_evaluate_per_prompt_length_matches_truncated_prompts(task, tf_params, batch_predict):
@@ -174,12 +185,13 @@ def test_gpt2_dispatch(task):
   # GPT-2's own training-step test lives in tests/test_gpt2.py; here: the objective wiring.
   gpt2 = pytest.importorskip("l2o_jax.transformer.gpt2")
   obj = make_objective("gpt2", d=d, n=N, s=2, batch=8, loss_on="all", num_layers=1, width=16, num_heads=2)
-  params = obj.init(jax.random.key(0))
-  preds = jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0))(params, task.X, task.y, task.x_query)
+  params = jax.jit(obj.init)(jax.random.key(0))
+  preds = jax.jit(jax.vmap(gpt2.predict, in_axes=(None, 0, 0, 0)))(params, task.X, task.y, task.x_query)
   assert preds.shape == (task.X.shape[0], N + 1)
   targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
-  np.testing.assert_allclose(obj.loss(params, task), jnp.mean((targets - preds) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(predict("gpt2", params, task.X[0], task.y[0], task.x_query[0]), preds[0], rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(obj.loss)(params, task), jnp.mean((targets - preds) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(lambda p, X, y, q: predict("gpt2", p, X, y, q))(
+      params, task.X[0], task.y[0], task.x_query[0]), preds[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("call, match", [
@@ -208,8 +220,8 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout, caus
   per-instance Definition 3.3 pass under vmap: predictions and parameter gradients; with the
   attention's query tokens in the default CPU_CAUSAL_BLOCKS, 1 or 3 blocks, or one per token
   (more blocks than tokens)."""
-  params = small_tf_init(jax.random.key(4), d=d, num_layers=2, num_heads=2, mlp_hidden=7,
-                         out_scale=1.0, readout=readout)
+  params = jax.jit(lambda k: small_tf_init(k, d=d, num_layers=2, num_heads=2, mlp_hidden=7,
+                                          out_scale=1.0, readout=readout))(jax.random.key(4))
 
   def ref(p):
     return jax.vmap(stf._predict, in_axes=(None, 0, 0, 0))(p, task.X, task.y, task.x_query)
@@ -218,9 +230,9 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout, caus
     return jnp.sum(jnp.sin(pred_fn(p)))   # weights every prediction differently
 
   fast = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query, causal_blocks=causal_blocks)
-  np.testing.assert_allclose(fast(params), ref(params), rtol=1e-5, atol=1e-5)
-  g_ref = jax.grad(lambda p: loss(ref, p))(params)
-  g_fast = jax.grad(lambda p: loss(fast, p))(params)
+  np.testing.assert_allclose(jax.jit(fast)(params), jax.jit(ref)(params), rtol=1e-5, atol=1e-5)
+  g_ref = jax.jit(jax.grad(lambda p: loss(ref, p)))(params)
+  g_fast = jax.jit(jax.grad(lambda p: loss(fast, p)))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_ref)):
     # float32 sums in a different order: compare on the scale of each gradient array
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))
@@ -230,13 +242,13 @@ def test_batch_major_training_path_equals_vmapped_definition(task, readout, caus
 def test_query_only_path_equals_full_pass(task, readout, num_layers):
   """The query loss's path (last block at the query token only) equals the full pass's last
   prediction: values and gradients, every read-out, and K = 1 (no earlier blocks, linear case)."""
-  params = small_tf_init(jax.random.key(5), d=d, num_layers=num_layers, num_heads=2, mlp_hidden=7,
-                         out_scale=1.0, readout=readout)
+  params = jax.jit(lambda k: small_tf_init(k, d=d, num_layers=num_layers, num_heads=2, mlp_hidden=7,
+                                          out_scale=1.0, readout=readout))(jax.random.key(5))
   full = lambda p: stf._predict_batch(p, task.X, task.y, task.x_query)[:, -1]
   query = lambda p: stf._predict_query_batch(p, task.X, task.y, task.x_query)
-  np.testing.assert_allclose(query(params), full(params), rtol=1e-5, atol=1e-5)
-  g_full = jax.grad(lambda p: jnp.sum(jnp.sin(full(p))))(params)
-  g_query = jax.grad(lambda p: jnp.sum(jnp.sin(query(p))))(params)
+  np.testing.assert_allclose(jax.jit(query)(params), jax.jit(full)(params), rtol=1e-5, atol=1e-5)
+  g_full = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(full(p)))))(params)
+  g_query = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(query(p)))))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_query), jax.tree_util.tree_leaves(g_full)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))
 
