@@ -1,0 +1,112 @@
+"""How often the 12-block Small TF meets exploding batches, under a few optimiser settings.
+
+  python -m experiments.small_tf_stability                       # every variant, 3,000 steps each
+  python -m experiments.small_tf_stability --variants=lr1e-4,lr3e-5 --steps=3000 --out=stab.jsonl
+
+The paper's Small TF (section 6: 12 blocks of Definition 3.3, 4 heads, D = 42, query loss) has no
+LayerNorm and its ReLU attention is cubic in the tokens, so a few prompts can blow the forward pass
+up (BUILD_NOTES, "Training stability"). Each variant trains from the same initialisation on the
+same batches (query loss, batch 64, global-norm clip 1, linear warm-up then a constant rate, the
+early phase of the paper's 10^6-step run, where a cosine schedule has barely decayed) with
+non-finite steps skipped, and reports per 500 steps (--window): the median batch loss, the largest finite
+one, how many steps were non-finite (skipped) and how many had a loss above 100 (the trivial
+predictor scores ~3); then the query prediction error on a fixed test set: mean, median, and how
+many prompts give a non-finite or > 1e3 error. One JSON line per variant (stdout and --out).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+
+# name -> (learning rate, Adam b2, weight decay (AdamW), warm-up steps)
+VARIANTS = {
+    "lr1e-4": (1e-4, 0.999, 0.0, 1000),     # the presets' setting
+    "lr3e-5": (3e-5, 0.999, 0.0, 1000),
+    "lr1e-5": (1e-5, 0.999, 0.0, 1000),
+    "b2_0.95": (1e-4, 0.95, 0.0, 1000),
+    "wd0.1": (1e-4, 0.999, 0.1, 1000),
+    "warm3000": (1e-4, 0.999, 0.0, 3000),
+}
+
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"variants to run, from {sorted(VARIANTS)}")
+_STEPS = flags.DEFINE_integer("steps", 3000, "training steps per variant (a multiple of --window)")
+_WINDOW = flags.DEFINE_integer("window", 500, "steps per reported window (and per jit call)")
+_TEST_TASKS = flags.DEFINE_integer("test_tasks", 4096, "test prompts (fixed seed 12345)")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 12, "Small TF blocks K (paper: 12)")
+_BATCH = flags.DEFINE_integer("batch", 64, "instances per step (paper: 64)")
+_D = flags.DEFINE_integer("d", 20, "dimension of beta* (paper: 20; N = 10, S = 3)")
+_OUT = flags.DEFINE_string("out", "", "also append the JSON lines to this file")
+
+
+def optimizer(lr, b2, weight_decay, warmup):
+  import optax
+  schedule = optax.linear_schedule(0.0, lr, warmup)
+  adam = (optax.adamw(schedule, b2=b2, weight_decay=weight_decay) if weight_decay
+          else optax.adam(schedule, b2=b2))
+  return optax.chain(optax.clip_by_global_norm(1.0), adam)
+
+
+def window_stats(losses, window: int):
+  """Per `window` steps of one seed's losses: median, largest finite, non-finite and > 100 counts."""
+  import numpy as np
+  out = []
+  for i in range(0, len(losses) - window + 1, window):
+    w = losses[i:i + window]
+    finite = w[np.isfinite(w)]
+    out.append({"step": i + window, "median": float(np.median(finite)) if finite.size else None,
+                "max_finite": float(finite.max()) if finite.size else None,
+                "nonfinite": int((~np.isfinite(w)).sum()), "over_100": int((finite > 100).sum())})
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"variants: unknown {unknown}; allowed: {sorted(VARIANTS)}")
+  window = _WINDOW.value
+  if window < 1 or _STEPS.value < window or _STEPS.value % window:
+    raise app.UsageError(f"steps: expected a positive multiple of --window={window}, got {_STEPS.value}")
+  from l2o_jax import distributed
+  distributed.set_cpu_devices(distributed.auto_cpu_devices((_BATCH.value,)))
+  import jax
+  import numpy as np
+  from l2o_jax import sample_tasks, train
+  from l2o_jax.transformer import make_objective
+  from l2o_jax.transformer import small_tf as stf
+
+  mesh = distributed.data_mesh()
+  objective = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
+  if mesh.devices.size > 1:
+    objective = distributed.data_parallel(objective, mesh)
+  place = (lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None
+  test = jax.jit(lambda k: sample_tasks(k, _TEST_TASKS.value, d=_D.value, n=10, s=3))(jax.random.key(12345))
+  predict = jax.jit(stf._predict_query_batch)
+
+  for name in _VARIANTS.value:
+    t0 = time.time()
+    fit = train.fit(objective, optimizer(*VARIANTS[name]), _STEPS.value, steps_per_call=window,
+                    place=place, log_fn=None, skip_nonfinite=True)
+    params = jax.tree_util.tree_map(lambda x: x[0], fit.state.params)
+    err = np.concatenate([
+        (np.asarray(test.y_query[i:i + 1024]) - np.asarray(
+            predict(params, test.X[i:i + 1024], test.y[i:i + 1024], test.x_query[i:i + 1024]))) ** 2
+        for i in range(0, _TEST_TASKS.value, 1024)])
+    finite = err[np.isfinite(err)]
+    row = {"variant": name, "lr": VARIANTS[name][0], "b2": VARIANTS[name][1],
+           "weight_decay": VARIANTS[name][2], "warmup": VARIANTS[name][3], "steps": _STEPS.value,
+           "skipped": fit.skipped, "test_mean": float(err.mean()), "test_median": float(np.median(np.where(np.isfinite(err), err, np.inf))),
+           "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
+           "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)}
+    line = json.dumps(row)
+    print(line, flush=True)
+    if _OUT.value:
+      with open(_OUT.value, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
