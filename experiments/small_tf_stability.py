@@ -11,7 +11,8 @@ early phase of the paper's 10^6-step run, where a cosine schedule has barely dec
 non-finite steps skipped, and reports per 500 steps (--window): the median batch loss, the largest finite
 one, how many steps were non-finite (skipped) and how many had a loss above 100 (the trivial
 predictor scores ~3); then the query prediction error on a fixed test set: mean, median, and how
-many prompts give a non-finite or > 1e3 error. One JSON line per variant (stdout and --out).
+many prompts give a non-finite or > 1e3 error. One JSON line per variant (stdout and --out); a
+variant stopped by a window of only non-finite steps reports the step and the next one runs.
 """
 from __future__ import annotations
 
@@ -88,24 +89,34 @@ def main(argv):
 
   for name in _VARIANTS.value:
     t0 = time.time()
-    fit = train.fit(objective, optimizer(*VARIANTS[name]), _STEPS.value, steps_per_call=window,
-                    place=place, log_fn=None, skip_nonfinite=True)
+    lr, b2, weight_decay, warmup = VARIANTS[name]
+    row = {"variant": name, "lr": lr, "b2": b2, "weight_decay": weight_decay, "warmup": warmup,
+           "steps": _STEPS.value}
+    try:
+      fit = train.fit(objective, optimizer(lr, b2, weight_decay, warmup), _STEPS.value,
+                      steps_per_call=window, place=place, log_fn=None, skip_nonfinite=True)
+    except train.NonFiniteLossError as e:   # a window of only bad steps: report it, go on
+      _emit({**row, "stopped_at_step": e.step, "error": str(e), "seconds": round(time.time() - t0)})
+      continue
     params = jax.tree_util.tree_map(lambda x: x[0], fit.state.params)
     err = np.concatenate([
         (np.asarray(test.y_query[i:i + 1024]) - np.asarray(
             predict(params, test.X[i:i + 1024], test.y[i:i + 1024], test.x_query[i:i + 1024]))) ** 2
         for i in range(0, _TEST_TASKS.value, 1024)])
     finite = err[np.isfinite(err)]
-    row = {"variant": name, "lr": VARIANTS[name][0], "b2": VARIANTS[name][1],
-           "weight_decay": VARIANTS[name][2], "warmup": VARIANTS[name][3], "steps": _STEPS.value,
-           "skipped": fit.skipped, "test_mean": float(err.mean()), "test_median": float(np.median(np.where(np.isfinite(err), err, np.inf))),
+    _emit({**row, "skipped": fit.skipped, "test_mean": float(err.mean()),
+           # a non-finite error counts as +inf, so the median stays defined
+           "test_median": float(np.median(np.where(np.isfinite(err), err, np.inf))),
            "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
-           "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)}
-    line = json.dumps(row)
-    print(line, flush=True)
-    if _OUT.value:
-      with open(_OUT.value, "a") as f:
-        f.write(line + "\n")
+           "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)})
+
+
+def _emit(row: dict) -> None:
+  line = json.dumps(row)
+  print(line, flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
+      f.write(line + "\n")
 
 
 if __name__ == "__main__":
