@@ -41,14 +41,6 @@ _D = flags.DEFINE_integer("d", 20, "dimension of beta* (paper: 20; N = 10, S = 3
 _OUT = flags.DEFINE_string("out", "", "also append the JSON lines to this file")
 
 
-def optimizer(lr, b2, weight_decay, warmup):
-  import optax
-  schedule = optax.linear_schedule(0.0, lr, warmup)
-  adam = (optax.adamw(schedule, b2=b2, weight_decay=weight_decay) if weight_decay
-          else optax.adam(schedule, b2=b2))
-  return optax.chain(optax.clip_by_global_norm(1.0), adam)
-
-
 def window_stats(losses, window: int):
   """Per `window` steps of one seed's losses: median, largest finite, non-finite and > 100 counts."""
   import numpy as np
@@ -76,6 +68,7 @@ def main(argv):
   import jax
   import numpy as np
   from l2o_jax import sample_tasks, train
+  from l2o_jax.metrics import median_error
   from l2o_jax.transformer import make_objective
   from l2o_jax.transformer import small_tf as stf
 
@@ -85,7 +78,8 @@ def main(argv):
     objective = distributed.data_parallel(objective, mesh)
   place = (lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None
   test = jax.jit(lambda k: sample_tasks(k, _TEST_TASKS.value, d=_D.value, n=10, s=3))(jax.random.key(12345))
-  predict = jax.jit(stf._predict_query_batch)
+  # per-prompt query errors in one call (inference only: 2^16 prompts fit in memory)
+  squared_errors = jax.jit(lambda p, t: (t.y_query - stf._predict_query_batch(p, t.X, t.y, t.x_query)) ** 2)
 
   for name in _VARIANTS.value:
     t0 = time.time()
@@ -93,20 +87,18 @@ def main(argv):
     row = {"variant": name, "lr": lr, "b2": b2, "weight_decay": weight_decay, "warmup": warmup,
            "steps": _STEPS.value}
     try:
-      fit = train.fit(objective, optimizer(lr, b2, weight_decay, warmup), _STEPS.value,
-                      steps_per_call=window, place=place, log_fn=None, skip_nonfinite=True)
+      optimizer = train.make_optimizer(lr, clip_norm=1.0, warmup_steps=warmup, b2=b2,
+                                       weight_decay=weight_decay)
+      fit = train.fit(objective, optimizer, _STEPS.value, steps_per_call=window, place=place,
+                      log_fn=None, skip_nonfinite=True)
     except train.NonFiniteLossError as e:   # a window of only bad steps: report it, go on
       _emit({**row, "stopped_at_step": e.step, "error": str(e), "seconds": round(time.time() - t0)})
       continue
     params = jax.tree_util.tree_map(lambda x: x[0], fit.state.params)
-    err = np.concatenate([
-        (np.asarray(test.y_query[i:i + 1024]) - np.asarray(
-            predict(params, test.X[i:i + 1024], test.y[i:i + 1024], test.x_query[i:i + 1024]))) ** 2
-        for i in range(0, _TEST_TASKS.value, 1024)])
+    err = np.asarray(squared_errors(params, test))
     finite = err[np.isfinite(err)]
     _emit({**row, "skipped": fit.skipped, "test_mean": float(err.mean()),
-           # a non-finite error counts as +inf, so the median stays defined
-           "test_median": float(np.median(np.where(np.isfinite(err), err, np.inf))),
+           "test_median": float(median_error(err)),
            "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
            "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)})
 

@@ -55,10 +55,16 @@ class NonFiniteLossError(FloatingPointError):
 
 def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0,
                    warmup_steps: int = 0, decay_steps: int | None = None,
-                   end_lr_factor: float = 1.0) -> optax.GradientTransformation:
-  """Adam with optional global-norm clipping, linear warm-up and cosine decay."""
+                   end_lr_factor: float = 1.0, b2: float = 0.999,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Adam with optional global-norm clipping, linear warm-up and cosine decay; b2 is Adam's
+  second-moment decay, and weight_decay > 0 makes it AdamW (decoupled decay)."""
   if not learning_rate > 0:
     raise ValueError(f"learning_rate: expected > 0, got {learning_rate}")
+  if not 0 <= b2 < 1:
+    raise ValueError(f"b2: expected 0 <= b2 < 1, got {b2}")
+  if not weight_decay >= 0:
+    raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
   if decay_steps:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0 if warmup_steps else learning_rate, learning_rate, max(warmup_steps, 0),
@@ -68,7 +74,9 @@ def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0
   else:
     schedule = learning_rate
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  return optax.chain(*parts, optax.adam(schedule))
+  adam = (optax.adamw(schedule, b2=b2, weight_decay=weight_decay) if weight_decay
+          else optax.adam(schedule, b2=b2))
+  return optax.chain(*parts, adam)
 
 
 def init_state(objective: Objective, optimizer: optax.GradientTransformation, seed: int) -> TrainState:

@@ -77,9 +77,9 @@ def _worker(workdir, kill_at):
   np.savez(os.path.join(workdir, "final.npz"), *_leaves(state))
 
 
-def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, reference):
+def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, reference, child_env):
   # The relaunch reuses the killed run's compiled chunk from the persistent compilation cache.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  env = dict(child_env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   cmd = [sys.executable, os.path.abspath(__file__), str(tmp_path)]
   killed = subprocess.run(cmd + ["30"], env=env, capture_output=True, text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

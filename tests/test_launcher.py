@@ -126,8 +126,8 @@ def test_prompt_lengths_may_exceed_training_n():
   assert runner._lengths(c) == list(range(1, 2 * c.problem.n + 1))  # default: 1..2N
 
 
-def test_main_stops_on_missing_workdir_and_bad_config():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def test_main_stops_on_missing_workdir_and_bad_config(child_env):
+  env = child_env
   base = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/quick.py"]
   missing = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert missing.returncode != 0 and "workdir: missing" in missing.stderr
@@ -171,9 +171,9 @@ def _worker(workdir):
   print(f"INTERRUPTED {result.interrupted} {int(result.state.step[0])}", flush=True)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, child_env):
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path)], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                          env=child_env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   line = proc.stdout.readline()
   assert line.startswith("STEP"), proc.stderr.read()[-2000:]

@@ -27,6 +27,29 @@ def test_train_equals_hand_run_chunks():
   np.testing.assert_allclose(state.params["w"], ref.params["w"], rtol=1e-6, atol=1e-7)
 
 
+def test_make_optimizer_b2_and_weight_decay():
+  p = {"w": jnp.ones(3)}
+  zero = {"w": jnp.zeros(3)}
+  opt = T.make_optimizer(0.1, clip_norm=None, weight_decay=0.5)   # AdamW: decay even at zero gradient
+  updates, _ = opt.update(zero, opt.init(p), p)
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones(3), rtol=1e-6)
+  grads = [{"w": jnp.array([1.0, -2.0, 0.5]) * c} for c in (1.0, 4.0, 0.25)]   # varying: b2 matters
+  last = {}
+  for b2 in (0.95, 0.999):   # b2 reaches Adam's second moment
+    want = optax.adam(0.1, b2=b2)
+    got = T.make_optimizer(0.1, clip_norm=None, b2=b2)
+    s_want, s_got = want.init(p), got.init(p)
+    for g in grads:
+      u_want, s_want = want.update(g, s_want, p)
+      u_got, s_got = got.update(g, s_got, p)
+    np.testing.assert_allclose(u_got["w"], u_want["w"], rtol=1e-6)
+    last[b2] = np.asarray(u_got["w"])
+  assert np.abs(last[0.95] - last[0.999]).max() > 1e-5   # 1.3e-4 here, far above float32 rounding
+  for kw, match in (({"b2": 1.0}, "b2"), ({"weight_decay": -1.0}, "weight_decay")):
+    with pytest.raises(ValueError, match=match):
+      T.make_optimizer(0.1, **kw)
+
+
 def test_train_stops_on_non_finite_loss():
   bad = OBJ._replace(loss=lambda p, b: jnp.where(p["w"][0] != 0, jnp.nan, 1.0) + jnp.sum(p["w"]))
   with pytest.raises(T.NonFiniteLossError, match="step 1"):
