@@ -1,17 +1,19 @@
-"""How often the 12-block Small TF meets exploding batches, under a few optimiser settings.
+"""How often the 12-block Small TF meets exploding batches, under a few optimiser and loss settings.
 
   python -m experiments.small_tf_stability                       # every variant, 3,000 steps each
   python -m experiments.small_tf_stability --variants=lr1e-4,lr3e-5 --steps=3000 --out=stab.jsonl
 
 The paper's Small TF (section 6: 12 blocks of Definition 3.3, 4 heads, D = 42, query loss) has no
 LayerNorm and its ReLU attention is cubic in the tokens, so a few prompts can blow the forward pass
-up (BUILD_NOTES, "Training stability"). Each variant trains from the same initialisation on the
+up (BUILD_NOTES, "Training stability"). A variant changes the optimiser or, for drop_*, leaves
+each step's exploding prompts out of its loss. Each trains from the same initialisation on the
 same batches (query loss, batch 64, global-norm clip 1, linear warm-up then a constant rate, the
 early phase of the paper's 10^6-step run, where a cosine schedule has barely decayed) with
 non-finite steps skipped, and reports per 500 steps (--window): the median batch loss, the largest finite
 one, how many steps were non-finite (skipped) and how many had a loss above 100 (the trivial
-predictor scores ~3); then the query prediction error on a fixed test set: mean, median, and how
-many prompts give a non-finite or > 1e3 error. One JSON line per variant (stdout and --out); a
+predictor scores ~3); then the query prediction error on a fixed test set: mean, median, how
+many prompts give a non-finite or > 1e3 error, and where those prompts rank among all test
+prompts by norm (`bad_norm_percentiles`). One JSON line per variant (stdout and --out); a
 variant stopped by a window of only non-finite steps reports the step and the next one runs.
 """
 from __future__ import annotations
@@ -21,14 +23,18 @@ import time
 
 from absl import app, flags
 
-# name -> (learning rate, Adam b2, weight decay (AdamW), warm-up steps)
+# name -> (learning rate, Adam b2, weight decay (AdamW), warm-up steps, drop_above): drop_above
+# None trains on every prompt; a number leaves out of each step's loss the prompts whose query
+# loss is non-finite or above it (`drop_exploding_prompts`), inf only the non-finite ones.
 VARIANTS = {
-    "lr1e-4": (1e-4, 0.999, 0.0, 1000),     # the presets' setting
-    "lr3e-5": (3e-5, 0.999, 0.0, 1000),
-    "lr1e-5": (1e-5, 0.999, 0.0, 1000),
-    "b2_0.95": (1e-4, 0.95, 0.0, 1000),
-    "wd0.1": (1e-4, 0.999, 0.1, 1000),
-    "warm3000": (1e-4, 0.999, 0.0, 3000),
+    "lr1e-4": (1e-4, 0.999, 0.0, 1000, None),     # the presets' setting
+    "lr3e-5": (3e-5, 0.999, 0.0, 1000, None),
+    "lr1e-5": (1e-5, 0.999, 0.0, 1000, None),
+    "b2_0.95": (1e-4, 0.95, 0.0, 1000, None),
+    "wd0.1": (1e-4, 0.999, 0.1, 1000, None),
+    "warm3000": (1e-4, 0.999, 0.0, 3000, None),
+    "drop_nonfinite": (1e-4, 0.999, 0.0, 1000, float("inf")),
+    "drop1e3": (1e-4, 0.999, 0.0, 1000, 1e3),
 }
 
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"variants to run, from {sorted(VARIANTS)}")
@@ -54,6 +60,38 @@ def window_stats(losses, window: int):
   return out
 
 
+def exploding_norm_percentiles(norms, errors, above: float = 1e3) -> list[float]:
+  """Where the prompts with a non-finite or > `above` error sit among all prompts by norm: the
+  fraction of prompts smaller than each, sorted (near 1: the exploding prompts are the largest)."""
+  import numpy as np
+  norms, errors = np.asarray(norms), np.asarray(errors)
+  return sorted(round(float((norms < v).mean()), 4) for v in norms[~(errors <= above)])
+
+
+def drop_exploding_prompts(objective, drop_above: float):
+  """`objective` (Small TF, query loss) with each batch's exploding prompts left out of the loss.
+
+  A gradient-free forward pass finds the prompts whose query loss is non-finite or above
+  `drop_above`; the loss is the mean over the others. Masking the loss alone would not do: an
+  inf activation times a zero cotangent is NaN in the backward pass, so the dropped prompts'
+  inputs are zeroed too (the all-zero prompt runs finite). A batch with nothing dropped gives the
+  plain loss. Costs one more forward pass per step (BUILD_NOTES: 142–146 s against 135–139 s
+  for 3,000 steps)."""
+  import jax
+  import jax.numpy as jnp
+  from l2o_jax.transformer import small_tf as stf
+
+  def loss(params, task):
+    pred = jax.lax.stop_gradient(stf._predict_query_batch(params, task.X, task.y, task.x_query))
+    err = (task.y_query - pred) ** 2
+    keep = jnp.isfinite(err) & (err <= drop_above)
+    kept = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+    pred = stf._predict_query_batch(params, kept(task.X), kept(task.y), kept(task.x_query))
+    return jnp.sum(jnp.where(keep, (task.y_query - pred) ** 2, 0.0)) / jnp.maximum(keep.sum(), 1)
+
+  return objective._replace(loss=loss)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,23 +111,28 @@ def main(argv):
   from l2o_jax.transformer import small_tf as stf
 
   mesh = distributed.data_mesh()
-  objective = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
-  if mesh.devices.size > 1:
-    objective = distributed.data_parallel(objective, mesh)
+  base = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
+
+  def objective_for(drop_above):
+    objective = base if drop_above is None else drop_exploding_prompts(base, drop_above)
+    return distributed.data_parallel(objective, mesh) if mesh.devices.size > 1 else objective
+
   place = (lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None
   test = jax.jit(lambda k: sample_tasks(k, _TEST_TASKS.value, d=_D.value, n=10, s=3))(jax.random.key(12345))
   # per-prompt query errors in one call (inference only: 2^16 prompts fit in memory)
+  norms = np.sqrt(sum(np.sum(np.square(np.asarray(a)).reshape(_TEST_TASKS.value, -1), axis=1)
+                     for a in (test.X, test.y, test.x_query)))   # each prompt's Frobenius norm
   squared_errors = jax.jit(lambda p, t: (t.y_query - stf._predict_query_batch(p, t.X, t.y, t.x_query)) ** 2)
 
   for name in _VARIANTS.value:
     t0 = time.time()
-    lr, b2, weight_decay, warmup = VARIANTS[name]
+    lr, b2, weight_decay, warmup, drop_above = VARIANTS[name]
     row = {"variant": name, "lr": lr, "b2": b2, "weight_decay": weight_decay, "warmup": warmup,
-           "steps": _STEPS.value}
+           "drop_above": drop_above, "steps": _STEPS.value}
     try:
       optimizer = train.make_optimizer(lr, clip_norm=1.0, warmup_steps=warmup, b2=b2,
                                        weight_decay=weight_decay)
-      fit = train.fit(objective, optimizer, _STEPS.value, steps_per_call=window, place=place,
+      fit = train.fit(objective_for(drop_above), optimizer, _STEPS.value, steps_per_call=window, place=place,
                       log_fn=None, skip_nonfinite=True)
     except train.NonFiniteLossError as e:   # a window of only bad steps: report it, go on
       _emit({**row, "stopped_at_step": e.step, "error": str(e), "seconds": round(time.time() - t0)})
@@ -100,6 +143,7 @@ def main(argv):
     _emit({**row, "skipped": fit.skipped, "test_mean": float(err.mean()),
            "test_median": float(median_error(err)),
            "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
+           "bad_norm_percentiles": exploding_norm_percentiles(norms, err),
            "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)})
 
 

@@ -18,17 +18,59 @@ def test_window_stats_counts_nonfinite_and_large_losses():
                {"step": 8, "median": 7.0, "max_finite": 500.0, "nonfinite": 1, "over_100": 1}]
 
 
+def test_exploding_norm_percentiles_ranks_the_bad_prompts_by_norm():
+  norms = np.array([4.0, 2.0, 3.0, 1.0])
+  errors = np.array([5.0, np.nan, 2e3, 1.0])     # prompts 1 (non-finite) and 2 (> 1e3) explode
+  assert study.exploding_norm_percentiles(norms, errors) == [0.25, 0.5]
+  assert study.exploding_norm_percentiles(norms, errors, above=1e4) == [0.25]
+  assert study.exploding_norm_percentiles(norms, np.ones(4)) == []
+
+
 def test_tiny_study_runs_and_rejects_unknown_variants(child_env):
   base = [sys.executable, "-m", "experiments.small_tf_stability", "--num_layers=1", "--d=4",
           "--batch=8", "--test_tasks=64"]
-  proc = subprocess.run(base + ["--variants=lr1e-4,wd0.1", "--steps=20", "--window=10"], cwd=REPO,
+  proc = subprocess.run(base + ["--variants=lr1e-4,wd0.1,drop1e3", "--steps=20", "--window=10"], cwd=REPO,
                         env=child_env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [r["variant"] for r in rows] == ["lr1e-4", "wd0.1"]
+  assert [r["variant"] for r in rows] == ["lr1e-4", "wd0.1", "drop1e3"]
+  assert [r["drop_above"] for r in rows] == [None, None, 1e3]
   for r in rows:
     assert [w["step"] for w in r["windows"]] == [10, 20] and r["skipped"] == 0
     assert np.isfinite(r["test_mean"]) and r["test_nonfinite"] == 0 and r["test_median"] > 0
+    assert r["bad_norm_percentiles"] == []
   bad = subprocess.run(base + ["--variants=lr1e-4,adam"], cwd=REPO, env=child_env, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode != 0 and "variants: unknown ['adam']" in bad.stderr
+
+
+def test_drop_exploding_prompts_trains_on_the_other_prompts_only():
+  import jax
+  import jax.numpy as jnp
+
+  from l2o_jax.transformer import make_objective
+
+  base = make_objective("small_tf", d=4, batch=4, num_layers=2)
+  params = base.init(jax.random.key(0))
+  task = base.sample(jax.random.key(1))
+  # prompt 0 blown up: ReLU attention is cubic in the tokens, so its loss is astronomically large
+  big = task._replace(X=task.X.at[0].mul(1e4), y=task.y.at[0].mul(1e4), x_query=task.x_query.at[0].mul(1e4))
+  rest = jax.tree_util.tree_map(lambda a: a[1:], task)
+  dropped = study.drop_exploding_prompts(base, 1e3)
+
+  @jax.jit
+  def all_values(params):
+    vg = lambda loss, t: jax.value_and_grad(loss)(params, t)
+    return vg(dropped.loss, big), vg(base.loss, rest), vg(dropped.loss, task), vg(base.loss, task), \
+        base.loss(params, big)
+
+  (l_drop, g_drop), (l_rest, g_rest), (l_same, g_same), (l_task, g_task), l_big = all_values(params)
+  assert not l_big < 1e3                       # the plain loss is dominated by prompt 0
+  np.testing.assert_allclose(l_drop, l_rest, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g_drop), jax.tree_util.tree_leaves(g_rest)):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # nothing to drop: the plain loss and gradient
+  np.testing.assert_allclose(l_same, l_task, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_same), jax.tree_util.tree_leaves(g_task)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
