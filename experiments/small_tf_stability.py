@@ -2,6 +2,7 @@
 
   python -m experiments.small_tf_stability                       # every variant, 3,000 steps each
   python -m experiments.small_tf_stability --variants=lr1e-4,lr3e-5 --steps=3000 --out=stab.jsonl
+  python -m experiments.small_tf_stability --variants=lr1e-4,drop1e3 --seeds=3   # 3 runs each
 
 The paper's Small TF (section 6: 12 blocks of Definition 3.3, 4 heads, D = 42, query loss) has no
 LayerNorm and its ReLU attention is cubic in the tokens, so a few prompts can blow the forward pass
@@ -10,11 +11,13 @@ each step's exploding prompts out of its loss. Each trains from the same initial
 same batches (query loss, batch 64, global-norm clip 1, linear warm-up then a constant rate, the
 early phase of the paper's 10^6-step run, where a cosine schedule has barely decayed) with
 non-finite steps skipped, and reports per 500 steps (--window): the median batch loss, the largest finite
-one, how many steps were non-finite (skipped) and how many had a loss above 100 (the trivial
-predictor scores ~3); then the query prediction error on a fixed test set: mean, median, how
+one, how many steps were skipped, how many had a non-finite loss and how many a loss above 100 (the
+trivial predictor scores ~3); then the query prediction error on a fixed test set: mean, median, how
 many prompts give a non-finite or > 1e3 error, and where those prompts rank among all test
-prompts by norm (`bad_norm_percentiles`). One JSON line per variant (stdout and --out); a
-variant stopped by a window of only non-finite steps reports the step and the next one runs.
+prompts by norm (`bad_norm_percentiles`). One JSON line per variant and seed (stdout and
+--out; --seeds=S trains seeds 0..S-1 together, each with its own initialisation and batches, so
+that one seed's luck does not rank the variants); a variant stopped by a window of only
+non-finite steps reports the step and the next one runs.
 """
 from __future__ import annotations
 
@@ -44,19 +47,25 @@ _TEST_TASKS = flags.DEFINE_integer("test_tasks", 4096, "test prompts (fixed seed
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 12, "Small TF blocks K (paper: 12)")
 _BATCH = flags.DEFINE_integer("batch", 64, "instances per step (paper: 64)")
 _D = flags.DEFINE_integer("d", 20, "dimension of beta* (paper: 20; N = 10, S = 3)")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "seeds 0..S-1 per variant (initialisation and batches), "
+                              "trained together in one program; one JSON line per seed")
 _OUT = flags.DEFINE_string("out", "", "also append the JSON lines to this file")
 
 
-def window_stats(losses, window: int):
-  """Per `window` steps of one seed's losses: median, largest finite, non-finite and > 100 counts."""
+def window_stats(losses, window: int, skipped=None):
+  """Per `window` steps of one seed's losses: median, largest finite, non-finite and > 100 counts,
+  and with `skipped` (that seed's skipped steps per window) those counts too: a step is also
+  skipped when its loss is finite but its gradient is not."""
   import numpy as np
   out = []
-  for i in range(0, len(losses) - window + 1, window):
+  for k, i in enumerate(range(0, len(losses) - window + 1, window)):
     w = losses[i:i + window]
     finite = w[np.isfinite(w)]
     out.append({"step": i + window, "median": float(np.median(finite)) if finite.size else None,
                 "max_finite": float(finite.max()) if finite.size else None,
                 "nonfinite": int((~np.isfinite(w)).sum()), "over_100": int((finite > 100).sum())})
+    if skipped is not None:
+      out[-1]["skipped"] = int(skipped[k])
   return out
 
 
@@ -101,6 +110,9 @@ def main(argv):
   window = _WINDOW.value
   if window < 1 or _STEPS.value < window or _STEPS.value % window:
     raise app.UsageError(f"steps: expected a positive multiple of --window={window}, got {_STEPS.value}")
+  if _SEEDS.value < 1:
+    raise app.UsageError(f"seeds: expected >= 1, got {_SEEDS.value}")
+  seeds = list(range(_SEEDS.value))
   from l2o_jax import distributed
   distributed.set_cpu_devices(distributed.auto_cpu_devices((_BATCH.value,)))
   import jax
@@ -129,22 +141,29 @@ def main(argv):
     lr, b2, weight_decay, warmup, drop_above = VARIANTS[name]
     row = {"variant": name, "lr": lr, "b2": b2, "weight_decay": weight_decay, "warmup": warmup,
            "drop_above": drop_above, "steps": _STEPS.value}
+    skips = []   # per window: (S,) skipped steps of each seed
     try:
       optimizer = train.make_optimizer(lr, clip_norm=1.0, warmup_steps=warmup, b2=b2,
                                        weight_decay=weight_decay)
-      fit = train.fit(objective_for(drop_above), optimizer, _STEPS.value, steps_per_call=window, place=place,
-                      log_fn=None, skip_nonfinite=True)
+      fit = train.fit(objective_for(drop_above), optimizer, _STEPS.value, seeds=seeds,
+                      steps_per_call=window, place=place, log_fn=None, skip_nonfinite=True,
+                      eval_every=window,
+                      on_chunk=lambda step, state, m: skips.append(
+                          np.asarray(m["skipped"]).reshape(len(seeds), -1).sum(axis=1)))
     except train.NonFiniteLossError as e:   # a window of only bad steps: report it, go on
       _emit({**row, "stopped_at_step": e.step, "error": str(e), "seconds": round(time.time() - t0)})
       continue
-    params = jax.tree_util.tree_map(lambda x: x[0], fit.state.params)
-    err = np.asarray(squared_errors(params, test))
-    finite = err[np.isfinite(err)]
-    _emit({**row, "skipped": fit.skipped, "test_mean": float(err.mean()),
-           "test_median": float(median_error(err)),
-           "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
-           "bad_norm_percentiles": exploding_norm_percentiles(norms, err),
-           "windows": window_stats(np.asarray(fit.losses[0]), window), "seconds": round(time.time() - t0)})
+    skips = np.stack(skips, axis=1)   # (S, windows)
+    for i, seed in enumerate(seeds):
+      params = jax.tree_util.tree_map(lambda x: x[i], fit.state.params)
+      err = np.asarray(squared_errors(params, test))
+      finite = err[np.isfinite(err)]
+      _emit({**row, "seed": seed, "skipped": int(skips[i].sum()), "test_mean": float(err.mean()),
+             "test_median": float(median_error(err)),
+             "test_nonfinite": int((~np.isfinite(err)).sum()), "test_over_1e3": int((finite > 1e3).sum()),
+             "bad_norm_percentiles": exploding_norm_percentiles(norms, err),
+             "windows": window_stats(np.asarray(fit.losses[i]), window, skips[i]),
+             "seconds": round(time.time() - t0)})
 
 
 def _emit(row: dict) -> None:

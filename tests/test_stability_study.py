@@ -16,6 +16,7 @@ def test_window_stats_counts_nonfinite_and_large_losses():
   w = study.window_stats(losses, 4)
   assert w == [{"step": 4, "median": 2.0, "max_finite": 3.0, "nonfinite": 1, "over_100": 0},
                {"step": 8, "median": 7.0, "max_finite": 500.0, "nonfinite": 1, "over_100": 1}]
+  assert [x["skipped"] for x in study.window_stats(losses, 4, skipped=[1, 2])] == [1, 2]
 
 
 def test_exploding_norm_percentiles_ranks_the_bad_prompts_by_norm():
@@ -29,14 +30,15 @@ def test_exploding_norm_percentiles_ranks_the_bad_prompts_by_norm():
 def test_tiny_study_runs_and_rejects_unknown_variants(child_env):
   base = [sys.executable, "-m", "experiments.small_tf_stability", "--num_layers=1", "--d=4",
           "--batch=8", "--test_tasks=64"]
-  proc = subprocess.run(base + ["--variants=lr1e-4,wd0.1,drop1e3", "--steps=20", "--window=10"], cwd=REPO,
-                        env=child_env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(base + ["--variants=wd0.1,drop1e3", "--seeds=2", "--steps=20", "--window=10"],
+                        cwd=REPO, env=child_env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [r["variant"] for r in rows] == ["lr1e-4", "wd0.1", "drop1e3"]
-  assert [r["drop_above"] for r in rows] == [None, None, 1e3]
+  assert [(r["variant"], r["seed"], r["drop_above"]) for r in rows] == [
+      ("wd0.1", 0, None), ("wd0.1", 1, None), ("drop1e3", 0, 1e3), ("drop1e3", 1, 1e3)]
+  assert rows[0]["test_mean"] != rows[1]["test_mean"]     # the seeds are different runs
   for r in rows:
-    assert [w["step"] for w in r["windows"]] == [10, 20] and r["skipped"] == 0
+    assert [(w["step"], w["skipped"]) for w in r["windows"]] == [(10, 0), (20, 0)] and r["skipped"] == 0
     assert np.isfinite(r["test_mean"]) and r["test_nonfinite"] == 0 and r["test_median"] > 0
     assert r["bad_norm_percentiles"] == []
   bad = subprocess.run(base + ["--variants=lr1e-4,adam"], cwd=REPO, env=child_env, capture_output=True,
