@@ -77,6 +77,13 @@ def exploding_norm_percentiles(norms, errors, above: float = 1e3) -> list[float]
   return sorted(round(float((norms < v).mean()), 4) for v in norms[~(errors <= above)])
 
 
+def query_errors(params, task):
+  """(B,) squared query errors of a Small TF on a batch of tasks, through the training
+  objective's own query path (`small_tf._predict_query_batch`)."""
+  from l2o_jax.transformer import small_tf as stf
+  return (task.y_query - stf._predict_query_batch(params, task.X, task.y, task.x_query)) ** 2
+
+
 def drop_exploding_prompts(objective, drop_above: float):
   """`objective` (Small TF, query loss) with each batch's exploding prompts left out of the loss.
 
@@ -84,19 +91,17 @@ def drop_exploding_prompts(objective, drop_above: float):
   `drop_above`; the loss is the mean over the others. Masking the loss alone would not do: an
   inf activation times a zero cotangent is NaN in the backward pass, so the dropped prompts'
   inputs are zeroed too (the all-zero prompt runs finite). A batch with nothing dropped gives the
-  plain loss. Costs one more forward pass per step (BUILD_NOTES: 142–146 s against 135–139 s
-  for 3,000 steps)."""
+  plain loss. Costs one more forward pass per step (BUILD_NOTES: 3,000 steps in 142–146 s against
+  135–139 s with one seed, 466 s against 379 s with three)."""
   import jax
   import jax.numpy as jnp
-  from l2o_jax.transformer import small_tf as stf
 
   def loss(params, task):
-    pred = jax.lax.stop_gradient(stf._predict_query_batch(params, task.X, task.y, task.x_query))
-    err = (task.y_query - pred) ** 2
+    err = jax.lax.stop_gradient(query_errors(params, task))
     keep = jnp.isfinite(err) & (err <= drop_above)
     kept = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-    pred = stf._predict_query_batch(params, kept(task.X), kept(task.y), kept(task.x_query))
-    return jnp.sum(jnp.where(keep, (task.y_query - pred) ** 2, 0.0)) / jnp.maximum(keep.sum(), 1)
+    masked = task._replace(X=kept(task.X), y=kept(task.y), x_query=kept(task.x_query))
+    return jnp.sum(jnp.where(keep, query_errors(params, masked), 0.0)) / jnp.maximum(keep.sum(), 1)
 
   return objective._replace(loss=loss)
 
@@ -120,7 +125,6 @@ def main(argv):
   from l2o_jax import sample_tasks, train
   from l2o_jax.metrics import median_error
   from l2o_jax.transformer import make_objective
-  from l2o_jax.transformer import small_tf as stf
 
   mesh = distributed.data_mesh()
   base = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
@@ -134,7 +138,7 @@ def main(argv):
   # per-prompt query errors in one call (inference only: 2^16 prompts fit in memory)
   norms = np.sqrt(sum(np.sum(np.square(np.asarray(a)).reshape(_TEST_TASKS.value, -1), axis=1)
                      for a in (test.X, test.y, test.x_query)))   # each prompt's Frobenius norm
-  squared_errors = jax.jit(lambda p, t: (t.y_query - stf._predict_query_batch(p, t.X, t.y, t.x_query)) ** 2)
+  squared_errors = jax.jit(query_errors)
 
   for name in _VARIANTS.value:
     t0 = time.time()
