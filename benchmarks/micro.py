@@ -13,6 +13,8 @@
                                              # a rolled scan, vs every token in the last block
   python -m benchmarks.micro --only=small_tf_chunk  # the Small TF train chunk as benchmarks.run
                                              # times it: 2 (default), 1 and 3 causal blocks
+  python -m benchmarks.micro --only=allreduce # the same chunk: psum of the gradient pytree
+                                             # (default) vs one flat gradient buffer
   taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape (and
                                              # numpy's and torch's for the first shape)
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
@@ -183,6 +185,48 @@ def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
 
 
+def _flat_mean_value_and_grad(loss, params, batch, *, mesh):
+  """`distributed.mean_value_and_grad` as it was before the eleventh session: the gradients
+  raveled into one flat buffer (with the loss) before a single psum."""
+  import jax
+  import jax.numpy as jnp
+  from jax.flatten_util import ravel_pytree
+  from jax.sharding import PartitionSpec as P
+  from l2o_jax import distributed
+  size = mesh.devices.size
+
+  def local(params, batch):
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    flat, unravel = ravel_pytree(grads)
+    total = jax.lax.psum(jnp.concatenate([flat, value[None].astype(flat.dtype)]), distributed.AXIS) / size
+    return total[-1].astype(value.dtype), unravel(total[:-1])
+
+  specs = jax.tree_util.tree_map(lambda x: P(distributed.AXIS) if distributed._splits(x, size) else P(), batch)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()),
+                       check_vma=False)(params, batch)
+
+
+def bench_allreduce(repeats: int, steps: int = 10) -> dict:
+  """The Small TF train chunk (as in `bench_small_tf_chunk`, every CPU device data parallel) with
+  the gradient all-reduce of `distributed.mean_value_and_grad` (a psum of the gradient pytree,
+  which XLA combines into one tuple all-reduce) against one flat buffer (ravel + concatenate, the
+  former design). Rows are ms per train step."""
+  import jax
+  from benchmarks.run import TRAIN_LR
+  from l2o_jax import distributed
+  from l2o_jax.transformer import make_objective
+  default, fns = distributed.mean_value_and_grad, {}
+  for label, fn in (("psum of the gradient pytree (default)", default),
+                    ("one flat buffer (ravel + concatenate)", _flat_mean_value_and_grad)):
+    distributed.mean_value_and_grad = fn   # read by data_parallel, inside _chunk_call
+    try:
+      call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+    finally:
+      distributed.mean_value_and_grad = default
+    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices, all-reduce: {label}, ms per step"] = call
+  return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
+
+
 def bench_gemm_shapes(repeats: int) -> dict:
   """One jitted float32 x @ w per shape (M, K, N): Small TF's per-device GEMMs (672 = 32 prompts x
   21 tokens, D = 42, D' = M D = 168) next to padded / transposed variants. XLA:CPU's rate depends
@@ -241,17 +285,19 @@ def bench_devices(repeats: int) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
-                 help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, gemm_shapes, devices")
+                 help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, allreduce, "
+                      "gemm_shapes, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
-  if {"devices", "small_tf_chunk"} & set(args.only.split(",")):
+  if {"devices", "small_tf_chunk", "allreduce"} & set(args.only.split(",")):
     from l2o_jax import distributed
     distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
-                 "small_tf_chunk": bench_small_tf_chunk, "gemm_shapes": bench_gemm_shapes,
+                 "small_tf_chunk": bench_small_tf_chunk, "allreduce": bench_allreduce,
+                 "gemm_shapes": bench_gemm_shapes,
                  "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-BUFFER = 426_218   # Small TF's parameters + the loss: the flat all-reduce of mean_value_and_grad
+BUFFER = 426_218   # Small TF's parameters + the loss: what mean_value_and_grad all-reduces per step
 
 
 def _start(devices: int, process_id: int | None, port: str | None):

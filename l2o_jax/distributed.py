@@ -4,8 +4,8 @@ One 1-D `Mesh` with axis "data" over every device (of every process, after
 `initialize(multihost=True)`). Parameters, optimizer state and keys are replicated; each
 training batch is sampled on device inside the compiled step and sharded along its leading
 (instance) axis by a sharding constraint. Each device differentiates its own instances inside
-`jax.shard_map`, and one all-reduce of a single flat buffer per step averages the gradients
-(`mean_value_and_grad`). With partitionable threefry (the JAX default) the sampled numbers do
+`jax.shard_map`, and one all-reduce per step (of the gradient pytree and the loss, which XLA
+combines into a single tuple all-reduce) averages the gradients (`mean_value_and_grad`). With partitionable threefry (the JAX default) the sampled numbers do
 not depend on the sharding, so a run on 4 devices sees exactly the data of a run on 1 device
 and matches it up to the order of floating-point reductions.
 
@@ -27,7 +27,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from l2o_jax.train import Objective
@@ -146,21 +145,24 @@ def data_parallel(objective: Objective, mesh: Mesh) -> Objective:
 
 def mean_value_and_grad(loss, params, batch, *, mesh: Mesh):
   """(loss, grads) of `loss` on a batch split over the mesh: each device differentiates its
-  shard, then one all-reduce of a single flat buffer (every gradient and the loss) averages them.
+  shard, then one `psum` of the pytree (every gradient and the loss) averages them. XLA's
+  all-reduce combiner makes that a single tuple all-reduce, one rendezvous per step.
 
   Why not let XLA partition `jax.value_and_grad`: it all-reduces each weight gradient where it
   is formed, and XLA:CPU's in-process all-reduce then synchronises the devices once per buffer
   (61 rendezvous per Small TF step), which cost ~10 ms of a ~55 ms two-device step on 2 cores
-  (ad-hoc profile and A/B, BUILD_NOTES; that version is gone from the code).
+  (ad-hoc profile and A/B, BUILD_NOTES; that version is gone from the code). Why not ravel the
+  gradients into one flat buffer first (the previous version): XLA:CPU builds it in one loop
+  fusion that recomputes every element's multi-dimensional index, ~2 ms of a ~35 ms Small TF
+  step (BUILD_NOTES).
   """
   size = mesh.devices.size
 
   def local(params, batch):
     # Per-device gradients (nothing is summed until the psum below).
     value, grads = jax.value_and_grad(loss)(params, batch)
-    flat, unravel = ravel_pytree(grads)
-    total = jax.lax.psum(jnp.concatenate([flat, value[None].astype(flat.dtype)]), AXIS) / size
-    return total[-1].astype(value.dtype), unravel(total[:-1])
+    value, grads = jax.lax.psum((value, grads), AXIS)
+    return value / size, jax.tree_util.tree_map(lambda g: g / size, grads)
 
   specs = jax.tree_util.tree_map(lambda x: P(AXIS) if _splits(x, size) else P(), batch)
   # check_vma=False: the loss is any user function, traced per device as written; with the

@@ -199,6 +199,21 @@ def test_mean_value_and_grad_matches_value_and_grad():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_micro_benchmark_flat_all_reduce_matches_the_default():
+  # benchmarks.micro --only=allreduce times the former flat-buffer all-reduce against the
+  # default: both must compute the same loss and gradients.
+  from benchmarks import micro
+  mesh = distributed.data_mesh(jax.devices()[:1])
+  params = OBJ.init(jax.random.key(0))
+  batch = OBJ.sample(jax.random.key(1))
+  both = jax.jit(lambda p, b: [f(OBJ.loss, p, b, mesh=mesh) for f in
+                               (distributed.mean_value_and_grad, micro._flat_mean_value_and_grad)])
+  (loss, grads), (flat_loss, flat_grads) = both(params, batch)
+  np.testing.assert_allclose(flat_loss, loss, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(flat_grads), jax.tree_util.tree_leaves(grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_auto_cpu_devices_divides_the_batches(monkeypatch):
   monkeypatch.setattr(distributed, "usable_cores", lambda: 6)
   assert distributed.auto_cpu_devices() == 6

@@ -30,12 +30,13 @@ def test_exploding_norm_percentiles_ranks_the_bad_prompts_by_norm():
 def test_tiny_study_runs_and_rejects_unknown_variants(child_env):
   base = [sys.executable, "-m", "experiments.small_tf_stability", "--num_layers=1", "--d=4",
           "--batch=8", "--test_tasks=64"]
-  proc = subprocess.run(base + ["--variants=wd0.1,drop1e3", "--seeds=2", "--steps=20", "--window=10"],
+  proc = subprocess.run(base + ["--variants=wd0.1,drop1e3,clip100", "--seeds=2", "--steps=20", "--window=10"],
                         cwd=REPO, env=child_env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [(r["variant"], r["seed"], r["drop_above"]) for r in rows] == [
-      ("wd0.1", 0, None), ("wd0.1", 1, None), ("drop1e3", 0, 1e3), ("drop1e3", 1, 1e3)]
+  assert [(r["variant"], r["seed"], r["drop_above"], r["score_clip"]) for r in rows] == [
+      ("wd0.1", 0, None, None), ("wd0.1", 1, None, None), ("drop1e3", 0, 1e3, None),
+      ("drop1e3", 1, 1e3, None), ("clip100", 0, None, 100.0), ("clip100", 1, None, 100.0)]
   assert rows[0]["test_mean"] != rows[1]["test_mean"]     # the seeds are different runs
   for r in rows:
     assert [(w["step"], w["skipped"]) for w in r["windows"]] == [(10, 0), (20, 0)] and r["skipped"] == 0
@@ -76,3 +77,30 @@ def test_drop_exploding_prompts_trains_on_the_other_prompts_only():
   np.testing.assert_allclose(l_same, l_task, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g_same), jax.tree_util.tree_leaves(g_task)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_clipped_scores_is_the_query_loss_of_the_capped_model():
+  import jax
+  import jax.numpy as jnp
+
+  from l2o_jax.transformer import make_objective
+  from l2o_jax.transformer import small_tf as stf
+
+  base = make_objective("small_tf", d=4, batch=4, num_layers=2)
+  params = base.init(jax.random.key(0))
+  task = base.sample(jax.random.key(1))
+  task = task._replace(X=task.X * 3, y=task.y * 3, x_query=task.x_query * 3)   # scores well above 1
+
+  @jax.jit
+  def losses(params):
+    capped = lambda c: jnp.mean((task.y_query - stf._predict_query_batch(
+        params, task.X, task.y, task.x_query, score_clip=c)) ** 2)
+    return (study.clipped_scores(base, 1.0).loss(params, task), capped(1.0),
+            study.clipped_scores(base, 1e30).loss(params, task), base.loss(params, task),
+            study.drop_exploding_prompts(base, 1e30, score_clip=1.0).loss(params, task))
+
+  clipped, want, loose, plain, dropped = losses(params)
+  np.testing.assert_allclose(clipped, want, rtol=1e-6)
+  np.testing.assert_allclose(loose, plain, rtol=1e-6)
+  np.testing.assert_allclose(dropped, clipped, rtol=1e-5)    # nothing dropped: the capped loss
+  assert abs(clipped - plain) > 1e-3 * abs(plain)              # the cap binds

@@ -42,8 +42,9 @@ def forward():
   return jax.jit(transformer_forward)
 
 
-def _numpy_forward(params, H):
-  """Definitions 3.1-3.3 token by token, float64."""
+def _numpy_forward(params, H, clip=None):
+  """Definitions 3.1-3.3 token by token, float64; `clip` caps each attention weight (not the
+  paper's model: small_tf's score_clip)."""
   H = np.asarray(H, np.float64)
   a = {k: np.asarray(v, np.float64) for k, v in params["attn"].items()}
   m = {k: np.asarray(v, np.float64) for k, v in params["mlp"].items()}
@@ -54,7 +55,9 @@ def _numpy_forward(params, H):
       for h in range(a["Q"].shape[1]):
         q = a["Q"][k, h] @ H[:, i]
         for j in range(i + 1):
-          out[:, i] += max(q @ (a["K"][k, h] @ H[:, j]), 0.0) / (i + 1) * (a["V"][k, h] @ H[:, j])
+          w = max(q @ (a["K"][k, h] @ H[:, j]), 0.0)
+          w = w if clip is None else min(w, clip)
+          out[:, i] += w / (i + 1) * (a["V"][k, h] @ H[:, j])
     H = out + m["W2"][k] @ np.maximum(m["W1"][k] @ out + m["b"][k][:, None], 0.0)
   return H
 
@@ -251,6 +254,31 @@ def test_query_only_path_equals_full_pass(task, readout, num_layers):
   g_query = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(query(p)))))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_query), jax.tree_util.tree_leaves(g_full)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.max(np.abs(b))))
+
+
+def test_score_clip_caps_attention_weights(task, tf_params):
+  """small_tf's score_clip (experiments.small_tf_stability's clip variants, not the paper's
+  model): the token-major pass equals the token loop with min(ReLU(score), clip) weights, the
+  query-only path equals its full pass, and a cap above every score changes nothing."""
+  body = tf_params["body"]
+  H_rows = stf._embed_rows(task.X[:2], task.y[:2], task.x_query[:2])
+
+  @jax.jit
+  def run(p):
+    fwd = lambda c: stf._forward_rows(p["body"], H_rows, score_clip=c)
+    pred = lambda c: stf._predict_batch(p, task.X, task.y, task.x_query, score_clip=c)[:, -1]
+    query = lambda c: stf._predict_query_batch(p, task.X, task.y, task.x_query, score_clip=c)
+    return fwd(None), fwd(0.5), fwd(1e30), pred(0.5), query(0.5), query(None), query(1e30)
+
+  plain, capped, loose, full_q, query_q, query_plain, query_loose = run(tf_params)
+  H0 = np.swapaxes(np.asarray(H_rows), 1, 2)
+  for b in range(2):
+    want = _numpy_forward(body, H0[b], clip=0.5)
+    np.testing.assert_allclose(np.asarray(capped[b]).T, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(capped) - np.asarray(plain)).max() > 0.1   # the cap binds
+  np.testing.assert_allclose(loose, plain, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(query_q, full_q, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(query_loose, query_plain, rtol=1e-6, atol=1e-6)
 
 
 def test_causal_blocks_default_per_backend(monkeypatch):

@@ -107,17 +107,27 @@ def _causal_blocks(blocks):
   return CPU_CAUSAL_BLOCKS if tracing_for_cpu() else 1
 
 
-def _masked_values(G, H, mask, blocks):
+def _attention_weights(scores, score_clip):
+  """ReLU(scores) (Definition 3.1), or min(ReLU(scores), score_clip): the capped weights are not
+  the paper's model, only `experiments.small_tf_stability`'s clip variants (a cap makes each
+  block's attention linear rather than cubic in the tokens)."""
+  if score_clip is None:
+    return jax.nn.relu(scores)
+  return jnp.clip(scores, 0.0, score_clip)
+
+
+def _masked_values(G, H, mask, blocks, score_clip=None):
   """Z (B, T M, D), rows (i, m): sum_{j <= i} mask[i, j] ReLU(g_im . h_j) h_j (Definition 3.1 before
   V_m), with g_im = A_m h_i = G[b, i, m]. Query tokens in `blocks` contiguous groups (None: the
-  backend's default, `_causal_blocks`); group [lo, hi) needs keys j < hi only."""
+  backend's default, `_causal_blocks`); group [lo, hi) needs keys j < hi only. `score_clip`: see
+  `_attention_weights` (None: the paper's ReLU)."""
   B, T, M, D = G.shape
   blocks = _causal_blocks(blocks)
   edges = sorted({round(T * k / blocks) for k in range(blocks + 1)})
   Z = []
   for lo, hi in zip(edges[:-1], edges[1:]):
     Hk = H[:, :hi]
-    weights = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G[:, lo:hi], Hk)) * mask[lo:hi, :, :hi]
+    weights = _attention_weights(jnp.einsum("bimd,bjd->bimj", G[:, lo:hi], Hk), score_clip) * mask[lo:hi, :, :hi]
     # sum_m V_m sum_j w_mij h_j: the tokens are aggregated per head first, then one GEMM applies
     # every V_m (in _block_rows). Aggregating V_m h_j instead costs the same FLOPs, but its
     # backward pass needs the (B, T, M, D) values transposed (~5% slower per step on CPU).
@@ -125,7 +135,7 @@ def _masked_values(G, H, mask, blocks):
   return Z[0] if len(Z) == 1 else jnp.concatenate(Z, axis=1)
 
 
-def _block_rows(H, p, mask, causal_blocks=None):
+def _block_rows(H, p, mask, causal_blocks=None, score_clip=None):
   """One block (Definition 3.3) on H (B, T, D); mask[i, ., j] = 1/i for j <= i."""
   B, T, D = H.shape
   a, m = p["attn"], p["mlp"]
@@ -134,13 +144,13 @@ def _block_rows(H, p, mask, causal_blocks=None):
   # G holds A_m h_i for every token and head, so the scores are batched (T M, D) x (D, T)
   # products per instance.
   G = dense(H, A_s).reshape(B, T, M, D)
-  Z = _masked_values(G, H, mask, causal_blocks).reshape(B, T, M * D)
+  Z = _masked_values(G, H, mask, causal_blocks, score_clip).reshape(B, T, M * D)
   H = H + dense(Z, V_t)
   Zm = jax.nn.relu(dense(H, m["W1"].T) + m["b"])
   return H + dense(Zm, m["W2"].T)
 
 
-def _forward_rows(params, H, unroll=True, causal_blocks=None):
+def _forward_rows(params, H, unroll=True, causal_blocks=None, score_clip=None):
   """`_forward` for a batch in token-major layout: H (B, T, D) -> (B, T, D). Same blocks.
 
   For training: every projection is one GEMM over all B * T tokens through `ops.dense` (whose
@@ -148,15 +158,16 @@ def _forward_rows(params, H, unroll=True, causal_blocks=None):
   under vmap. The layer loop is unrolled: a scan stacks every block's residuals for the
   backward pass into zero-initialised buffers, which cost ~20% of the CPU train step
   (BUILD_NOTES; `unroll` is `lax.scan`'s, for the A/B in benchmarks/micro.py). Equal to
-  `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py).
+  `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py). `score_clip` caps the
+  attention weights (`_attention_weights`; None, the default, is the paper's model).
   """
   T = H.shape[1]
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
-  block = lambda H, p: (_block_rows(H, p, mask, causal_blocks), None)
+  block = lambda H, p: (_block_rows(H, p, mask, causal_blocks, score_clip), None)
   return lax.scan(block, H, params, unroll=unroll)[0]
 
 
-def _query_block_rows(H, p):
+def _query_block_rows(H, p, score_clip=None):
   """The block of `_block_rows` evaluated at the last token only: (B, T, D) -> (B, D).
   The query attends to every token (its mask row is 1/T), so keys and values use all of H."""
   B, T, D = H.shape
@@ -165,7 +176,7 @@ def _query_block_rows(H, p):
   A_s, V_t = _head_stacks(a)
   hq = H[:, -1]
   g = (hq @ A_s).reshape(B, M, D)
-  weights = jax.nn.relu(jnp.einsum("bmd,bjd->bmj", g, H)) * (1.0 / T)
+  weights = _attention_weights(jnp.einsum("bmd,bjd->bmj", g, H), score_clip) * (1.0 / T)
   z = jnp.einsum("bmj,bjd->bmd", weights, H).reshape(B, M * D)
   hq = hq + z @ V_t
   return hq + jax.nn.relu(hq @ m["W1"].T + m["b"]) @ m["W2"].T
@@ -175,23 +186,23 @@ def _embed_rows(X, y, x_query):
   return jnp.swapaxes(jax.vmap(_embed)(X, y, x_query), 1, 2)       # (B, T, D)
 
 
-def _predict_batch(params, X, y, x_query, unroll=True, causal_blocks=None):
+def _predict_batch(params, X, y, x_query, unroll=True, causal_blocks=None, score_clip=None):
   """(B, N+1) predictions for a batch X (B, N, d), y (B, N), x_query (B, d); unchecked.
   `jax.vmap(_predict)` with the blocks run by `_forward_rows` (the training objective's hot path)."""
-  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query), unroll, causal_blocks),
-                       1, 2)  # (B, D, T)
+  H_out = jnp.swapaxes(_forward_rows(params["body"], _embed_rows(X, y, x_query), unroll, causal_blocks,
+                                     score_clip), 1, 2)  # (B, D, T)
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, H_out, X, x_query)
 
 
-def _predict_query_batch(params, X, y, x_query, unroll=True, causal_blocks=None):
+def _predict_query_batch(params, X, y, x_query, unroll=True, causal_blocks=None, score_clip=None):
   """(B,) query predictions, `_predict_batch(...)[:, -1]` at ~1/K less work: the query loss reads
   only the last token, so the last block runs for that token alone (the causal mask means no
   earlier token's output depends on it). Unchecked."""
   body = params["body"]
   first = jax.tree_util.tree_map(lambda x: x[:-1], body)
   last = jax.tree_util.tree_map(lambda x: x[-1], body)
-  H = _forward_rows(first, _embed_rows(X, y, x_query), unroll, causal_blocks)
-  hq = _query_block_rows(H, last)   # (B, D)
+  H = _forward_rows(first, _embed_rows(X, y, x_query), unroll, causal_blocks, score_clip)
+  hq = _query_block_rows(H, last, score_clip)   # (B, D)
   # The read-out of the single query token: the prompt "X" with no demonstrations makes X_tilde
   # the query row alone (Definition 4.2), so the same dispatch serves every read-out.
   return jax.vmap(_readout, in_axes=(None, 0, 0, 0))(params, hq[:, :, None], X[:, :0], x_query)[:, 0]
