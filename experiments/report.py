@@ -335,6 +335,10 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
            f"d = {cfg['problem']['d']}, N = {cfg['problem']['n']}, S = {cfg['problem']['s']}, "
            f"seeds = {cfg['seeds']}, prediction error = mean (y_query - ŷ_query)² over "
            f"{cfg['eval']['num_tasks']} test tasks.", ""]
+    clip = cfg["tf"].get("small_tf_score_clip", 0.0)
+    if clip:
+      md += [f"Small TF here caps every attention weight at {clip:g} (`tf.small_tf_score_clip`), "
+             "not the paper's ReLU attention.", ""]
     sub = out_dir if len(workdirs) == 1 else os.path.join(out_dir, os.path.basename(os.path.normpath(workdir)))
     os.makedirs(sub, exist_ok=True)
     parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),

@@ -40,7 +40,7 @@ RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devic
 # Fields added after runs were made, with the value those runs used (a relaunch of an older
 # workdir compares its config.json as if it held them).
 ADDED_FIELDS = {"matmul_precision": "float32", "coordinator_address": "", "num_processes": 0,
-                "process_id": -1}
+                "process_id": -1, "tf.small_tf_score_clip": 0.0}
 # config.matmul_precision -> jax_default_matmul_precision.
 MATMUL_PRECISIONS = {"float32": "highest", "default": None}
 
@@ -131,6 +131,8 @@ def validate(c) -> None:
   if c.tf.gpt2_width % c.tf.gpt2_heads:
     raise ConfigError(f"tf.gpt2_width: expected a multiple of tf.gpt2_heads={c.tf.gpt2_heads}, "
                       f"got {c.tf.gpt2_width}")
+  if not c.tf.small_tf_score_clip >= 0:
+    raise ConfigError(f"tf.small_tf_score_clip: expected 0 (off) or a cap > 0, got {c.tf.small_tf_score_clip}")
   if c.tf.loss_on not in ("query", "all"):
     raise ConfigError(f"tf.loss_on: unknown name {c.tf.loss_on!r}; allowed: query, all")
   for f in ("num_tasks", "curve_tasks", "iters"):
@@ -253,6 +255,11 @@ def method_learning_rates(spec: str) -> dict[str, float]:
   return out
 
 
+def score_clip(c, job: Job) -> float | None:
+  """The attention-weight cap of a Small TF job (tf.small_tf_score_clip; 0: none, the paper's)."""
+  return (c.tf.small_tf_score_clip or None) if job.method == "small_tf" else None
+
+
 def fixed_X(c) -> jax.Array:
   """The one measurement matrix of the classical LISTA protocol (shared by all seeds)."""
   return jax.random.normal(jax.random.fold_in(jax.random.key(c.seed), 7), (c.problem.n, c.problem.d))
@@ -278,7 +285,8 @@ def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, in
   from l2o_jax import transformer
   tt = c.tf_train
   if job.method == "small_tf":
-    kw = dict(num_layers=c.tf.small_tf_layers, num_heads=c.tf.small_tf_heads)
+    kw = dict(num_layers=c.tf.small_tf_layers, num_heads=c.tf.small_tf_heads,
+              score_clip=score_clip(c, job))
   else:
     kw = dict(num_layers=c.tf.gpt2_layers, width=c.tf.gpt2_width, num_heads=c.tf.gpt2_heads)
   objective = transformer.make_objective(
@@ -350,14 +358,15 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
   lengths = [n for n in _lengths(c) if n <= ppl_task.X.shape[1]]
   if job.family == "tf":
     from l2o_jax import transformer
-    ev = transformer.evaluate(job.method, params_i, task)
+    clip = score_clip(c, job)
+    ev = transformer.evaluate(job.method, params_i, task, score_clip=clip)
     out = {"pred_error": ev["pred_error"]}
     if full:
       out["pred_error_median"] = ev["pred_error_median"]
       limit = max_demonstrations(job, params_i)
       if limit is not None and ppl_task.X.shape[1] > limit:
         ppl_task = _truncate(ppl_task, limit)  # evaluate only the prompts the model can hold
-      ev = transformer.evaluate(job.method, params_i, ppl_task)
+      ev = transformer.evaluate(job.method, params_i, ppl_task, score_clip=clip)
       out["per_prompt_length"] = {int(n): float(v) for n, v in ev["per_prompt_length"].items()
                                   if int(n) in lengths}
     return out

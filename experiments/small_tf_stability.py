@@ -35,7 +35,7 @@ class Variant(NamedTuple):
   on every prompt; a number leaves out of each step's loss the prompts whose query loss is
   non-finite or above it (`drop_exploding_prompts`), inf only the non-finite ones. score_clip:
   None is the paper's ReLU attention; a number caps each attention weight at it
-  (`small_tf._attention_weights`)."""
+  (`ops.attention_weights`; the launcher's `tf.small_tf_score_clip`)."""
   lr: float
   b2: float = 0.999
   weight_decay: float = 0.0
@@ -103,12 +103,6 @@ def query_errors(params, task, score_clip=None):
   return (task.y_query - pred) ** 2
 
 
-def clipped_scores(objective, score_clip: float):
-  """`objective` (Small TF, query loss) with every attention weight capped at `score_clip`."""
-  import jax.numpy as jnp
-  return objective._replace(loss=lambda params, task: jnp.mean(query_errors(params, task, score_clip)))
-
-
 def drop_exploding_prompts(objective, drop_above: float, score_clip=None):
   """`objective` (Small TF, query loss) with each batch's exploding prompts left out of the loss.
 
@@ -152,13 +146,12 @@ def main(argv):
   from l2o_jax.transformer import make_objective
 
   mesh = distributed.data_mesh()
-  base = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
 
   def objective_for(v: Variant):
+    objective = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value,
+                               score_clip=v.score_clip)
     if v.drop_above is not None:
-      objective = drop_exploding_prompts(base, v.drop_above, v.score_clip)
-    else:
-      objective = base if v.score_clip is None else clipped_scores(base, v.score_clip)
+      objective = drop_exploding_prompts(objective, v.drop_above, v.score_clip)
     return distributed.data_parallel(objective, mesh) if mesh.devices.size > 1 else objective
 
   place = (lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None

@@ -54,6 +54,16 @@ def check_nonnegative(name: str, value) -> None:
     raise ValueError(f"{name}: expected values >= 0, got {shown} (shape {shape})")
 
 
+def check_score_clip(score_clip) -> float | None:
+  """None (the paper's ReLU attention) or a Python number c > 0 (each attention weight capped at
+  c). Static: it selects the program, so a traced or array value is rejected."""
+  if score_clip is None:
+    return None
+  if isinstance(score_clip, bool) or not isinstance(score_clip, numbers.Real) or not score_clip > 0:
+    raise ValueError(f"score_clip: expected None or a number > 0, got {score_clip!r}")
+  return float(score_clip)
+
+
 def check_instance(X, y) -> tuple[int, int]:
   """A single sparse-recovery instance: X (n, d) and y (n,). Returns (n, d)."""
   n, d = check_ndim("X", X, 2, "(n, d) for a single instance; vmap over a batch")

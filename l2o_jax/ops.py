@@ -57,7 +57,7 @@ def _stack_heads(heads, D: int):
   return Q, K, V
 
 
-def masked_relu_attention(H, heads):
+def masked_relu_attention(H, heads, *, score_clip=None):
   """M-head masked ReLU attention, Definition 3.1.
 
   Attn(H) = H + sum_m (V_m H) mask(ReLU((K_m H)^T (Q_m H))), i.e. for token i (1-indexed)
@@ -66,21 +66,37 @@ def masked_relu_attention(H, heads):
   Args:
     H: (D, T) input sequence, tokens as columns.
     heads: {"Q": (M, D, D), "K": (M, D, D), "V": (M, D, D)} or a list of (V_m, Q_m, K_m).
+    score_clip: None (Definition 3.1) or c > 0: each weight min(ReLU(score), c) instead
+      (`attention_weights`; not the paper's model).
   Returns:
     (D, T) output sequence.
   """
   D, T = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
+  score_clip = _checks.check_score_clip(score_clip)
   Q, K, V = _stack_heads(heads, D)
-  return _attention(H, Q, K, V)
+  return _attention(H, Q, K, V, score_clip)
 
 
-def _attention(H, Q, K, V):
+def attention_weights(scores, score_clip=None):
+  """ReLU(scores) (Definition 3.1), or min(ReLU(scores), score_clip).
+
+  The cap is not the paper's model. ReLU attention has no softmax normalisation, so a block's
+  output is cubic in its tokens and, without LayerNorm, a few large prompts can overflow a
+  12-block Small TF; capping each weight makes the attention at most linear in the tokens
+  (`experiments.small_tf_stability`, BUILD_NOTES "Training stability"). score_clip is static
+  (None or a Python float)."""
+  if score_clip is None:
+    return jax.nn.relu(scores)
+  return jnp.clip(scores, 0.0, score_clip)
+
+
+def _attention(H, Q, K, V, score_clip=None):
   # scores[m, j, i] = (K_m h_j) . (Q_m h_i) = h_j^T (K_m^T Q_m) h_i: keys index rows, queries
   # columns, as in Def. 3.1. Folding K_m^T Q_m into one D x D matrix (independent of H, so a
   # vmapped batch computes it once) replaces two per-token projections by one.
   A = jnp.einsum("med,mef->mdf", K, Q)
   scores = jnp.einsum("dj,mdi->mji", H, A @ H)
-  weights = jax.nn.relu(scores) * causal_mask(H.shape[1], H.dtype)
+  weights = attention_weights(scores, score_clip) * causal_mask(H.shape[1], H.dtype)
   return H + jnp.einsum("mej,mji->ei", V @ H, weights)
 
 

@@ -34,6 +34,7 @@ STEPS, SPC = 40, 5
     ({"eval.prompt_lengths": "2,x"}, r"eval.prompt_lengths: expected comma-separated integers, got '2,x'"),
     ({"cpu_devices": -1}, r"cpu_devices: expected an integer >= 0, got -1"),
     ({"matmul_precision": "tf16"}, r"matmul_precision: expected one of float32, default, got 'tf16'"),
+    ({"tf.small_tf_score_clip": -1.0}, r"tf.small_tf_score_clip: expected 0 \(off\) or a cap > 0, got -1.0"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -282,6 +283,26 @@ def test_prompt_lengths_beyond_training_n_per_model():
   refs = runner.reference_prompt_lengths(c)
   assert {k: sorted(v) for k, v in refs.items()} == {f"{m}_per_prompt_length": [2, 4, 6] for m in ("ista", "fista", "lasso")}
 
+
+
+def test_small_tf_score_clip_reaches_training_and_evaluation():
+  """tf.small_tf_score_clip (not the paper's model) caps the attention weights of the Small TF
+  that the job trains and that evaluate_job scores; 0 (the default) is the paper's ReLU."""
+  c = tiny_config()
+  c.tf.small_tf_layers, c.tf.small_tf_heads = 2, 1
+  job = runner.Job("small_tf", readout="query")
+  task = runner.test_tasks(c, c.eval.num_tasks, salt=2)
+  task = task._replace(X=3 * task.X, y=3 * task.y, x_query=3 * task.x_query)  # scores above the cap
+  params = runner.make_objective(c, job)[0].init(jax.random.key(0))
+  numbers = {}
+  for clip in (0.0, 0.05):
+    c.tf.small_tf_score_clip = clip
+    runner.validate(c)
+    loss = jax.jit(runner.make_objective(c, job)[0].loss)(params, task)
+    numbers[clip] = float(loss), runner.evaluate_job(c, job, params, task, full=False)["pred_error"]
+  for loss, pred_error in numbers.values():
+    assert loss == pytest.approx(pred_error, rel=1e-5)   # trained and scored with the same model
+  assert abs(numbers[0.05][0] - numbers[0.0][0]) > 1e-3 * numbers[0.0][0]   # the cap binds
 
 
 def test_masked_prompt_lengths_equal_truncated_prompts():

@@ -24,15 +24,17 @@ def test_soft_threshold_negative_theta():
     L.soft_threshold(np.ones(3), -0.1)
 
 
-def attention_loop(H, Q, K, V):
-  """Definition 3.1, token by token: h_i + sum_m sum_{j<=i} (1/i) ReLU(<Q_m h_i, K_m h_j>) V_m h_j."""
+def attention_loop(H, Q, K, V, clip=None):
+  """Definition 3.1, token by token: h_i + sum_m sum_{j<=i} (1/i) ReLU(<Q_m h_i, K_m h_j>) V_m h_j
+  (with `clip`, each weight min(ReLU(score), clip))."""
   D, T = H.shape
   out = H.astype(np.float64).copy()
   for i in range(T):
     for m in range(Q.shape[0]):
       for j in range(i + 1):
         score = float((Q[m] @ H[:, i]) @ (K[m] @ H[:, j]))
-        out[:, i] += max(score, 0.0) / (i + 1) * (V[m] @ H[:, j])
+        weight = max(score, 0.0) if clip is None else min(max(score, 0.0), clip)
+        out[:, i] += weight / (i + 1) * (V[m] @ H[:, j])
   return out
 
 
@@ -50,6 +52,12 @@ def test_masked_relu_attention_matches_loop():
   # jit equals no jit.
   out3 = jax.jit(L.masked_relu_attention)(H, {"Q": Q, "K": K, "V": V})
   np.testing.assert_allclose(out3, out, rtol=1e-6, atol=1e-6)
+  # Capped weights (score_clip; not the paper's model) against the loop with the cap.
+  capped = L.masked_relu_attention(H, {"Q": Q, "K": K, "V": V}, score_clip=0.5)
+  np.testing.assert_allclose(capped, attention_loop(H, Q, K, V, clip=0.5), rtol=1e-5, atol=1e-5)
+  assert np.abs(capped - out).max() > 0.1
+  with pytest.raises(ValueError, match="score_clip: expected None or a number > 0, got -1"):
+    L.masked_relu_attention(H, {"Q": Q, "K": K, "V": V}, score_clip=-1)
 
 
 def test_attention_is_causal():

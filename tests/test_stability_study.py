@@ -79,14 +79,17 @@ def test_drop_exploding_prompts_trains_on_the_other_prompts_only():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_clipped_scores_is_the_query_loss_of_the_capped_model():
+def test_capped_objective_is_the_query_loss_of_the_capped_model():
+  # make_objective(score_clip=c) (the study's clip variants and the launcher's
+  # tf.small_tf_score_clip) trains the capped model that query_errors and the drop loss evaluate.
   import jax
   import jax.numpy as jnp
 
   from l2o_jax.transformer import make_objective
   from l2o_jax.transformer import small_tf as stf
 
-  base = make_objective("small_tf", d=4, batch=4, num_layers=2)
+  objective = lambda c: make_objective("small_tf", d=4, batch=4, num_layers=2, score_clip=c)
+  base = objective(None)
   params = base.init(jax.random.key(0))
   task = base.sample(jax.random.key(1))
   task = task._replace(X=task.X * 3, y=task.y * 3, x_query=task.x_query * 3)   # scores well above 1
@@ -95,12 +98,13 @@ def test_clipped_scores_is_the_query_loss_of_the_capped_model():
   def losses(params):
     capped = lambda c: jnp.mean((task.y_query - stf._predict_query_batch(
         params, task.X, task.y, task.x_query, score_clip=c)) ** 2)
-    return (study.clipped_scores(base, 1.0).loss(params, task), capped(1.0),
-            study.clipped_scores(base, 1e30).loss(params, task), base.loss(params, task),
-            study.drop_exploding_prompts(base, 1e30, score_clip=1.0).loss(params, task))
+    return (objective(1.0).loss(params, task), capped(1.0), jnp.mean(study.query_errors(params, task, 1.0)),
+            objective(1e30).loss(params, task), base.loss(params, task),
+            study.drop_exploding_prompts(objective(1.0), 1e30, score_clip=1.0).loss(params, task))
 
-  clipped, want, loose, plain, dropped = losses(params)
+  clipped, want, errors, loose, plain, dropped = losses(params)
   np.testing.assert_allclose(clipped, want, rtol=1e-6)
+  np.testing.assert_allclose(errors, want, rtol=1e-6)
   np.testing.assert_allclose(loose, plain, rtol=1e-6)
   np.testing.assert_allclose(dropped, clipped, rtol=1e-5)    # nothing dropped: the capped loss
   assert abs(clipped - plain) > 1e-3 * abs(plain)              # the cap binds

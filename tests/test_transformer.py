@@ -208,6 +208,10 @@ def test_gpt2_dispatch(task):
     (lambda p: small_tf_init(jax.random.key(0), d=d, readout="softmax"), "readout"),
     (lambda p: make_objective("bert"), "model"),
     (lambda p: make_objective("small_tf", loss_on="mean"), "loss_on"),
+    (lambda p: make_objective("small_tf", score_clip=0.0), r"score_clip: expected None or a number > 0, got 0.0"),
+    (lambda p: small_tf_predict(p, jnp.zeros((3, d)), jnp.zeros(3), jnp.zeros(d), score_clip="10"), "score_clip"),
+    (lambda p: transformer_forward(p["body"], jnp.zeros((D, 5)), score_clip=jnp.float32(1.0)), "score_clip"),
+    (lambda p: make_objective("gpt2", score_clip=10.0), "only Small TF"),
     (lambda p: small_tf_from_construction({"M": jnp.zeros((1, d, d)), "theta": jnp.zeros(1)}, 1.0,
                                           readout="linear"), "readout"),
 ])
@@ -257,8 +261,8 @@ def test_query_only_path_equals_full_pass(task, readout, num_layers):
 
 
 def test_score_clip_caps_attention_weights(task, tf_params):
-  """small_tf's score_clip (experiments.small_tf_stability's clip variants, not the paper's
-  model): the token-major pass equals the token loop with min(ReLU(score), clip) weights, the
+  """score_clip (ops.attention_weights: the stability study's clip variants and the launcher's
+  tf.small_tf_score_clip, not the paper's model): the token-major pass equals the token loop with min(ReLU(score), clip) weights, the
   query-only path equals its full pass, and a cap above every score changes nothing."""
   body = tf_params["body"]
   H_rows = stf._embed_rows(task.X[:2], task.y[:2], task.x_query[:2])
@@ -275,6 +279,16 @@ def test_score_clip_caps_attention_weights(task, tf_params):
   for b in range(2):
     want = _numpy_forward(body, H0[b], clip=0.5)
     np.testing.assert_allclose(np.asarray(capped[b]).T, want, rtol=1e-4, atol=1e-4)
+  # The public single-instance path (small_tf_predict, predict, transformer_forward) takes the
+  # same cap; evaluate() with it scores the capped model.
+  one = jax.jit(lambda p: (transformer_forward(p["body"], jnp.asarray(H0[0]), score_clip=0.5),
+                           jax.vmap(lambda X, y, q: predict("small_tf", p, X, y, q, score_clip=0.5))(
+                               task.X, task.y, task.x_query)[:, -1]))
+  fwd_one, pred_one = one(tf_params)
+  np.testing.assert_allclose(fwd_one, np.asarray(capped[0]).T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pred_one, full_q, rtol=1e-5, atol=1e-5)
+  ev = evaluate("small_tf", tf_params, task, score_clip=0.5)
+  np.testing.assert_allclose(ev["pred_error"], np.mean((task.y_query - pred_one) ** 2), rtol=1e-5)
   assert np.abs(np.asarray(capped) - np.asarray(plain)).max() > 0.1   # the cap binds
   np.testing.assert_allclose(loose, plain, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(query_q, full_q, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,9 @@ def base() -> ml_collections.ConfigDict:
   c.tf.small_tf_layers = 12       # Small TF: 12 blocks
   c.tf.small_tf_heads = 4         # 4 ReLU attention heads, D = 2d + 2 = 42
   c.tf.readout = "query"          # Small TF read-out for fig1a/fig1b: linear, query or query_dagger
+  c.tf.small_tf_score_clip = 0.0  # 0: the paper's ReLU attention; c > 0 caps every attention weight
+                                  # at c (not the paper's model; 10 trains without exploding
+                                  # prompts, BUILD_NOTES "Training stability")
   c.tf.gpt2_layers = 12           # GPT-2: 12 layers
   c.tf.gpt2_width = 256           # embedding dimension 256
   c.tf.gpt2_heads = 8             # 8 heads

@@ -47,32 +47,42 @@ def init_params(model: str, key, *, d: int = 20, n: int = 10, **model_kwargs):
   return _gpt2().init(key, d=d, **model_kwargs)
 
 
-def predict(model: str, params, X, y, x_query) -> jax.Array:
-  """(N+1,) predictions for one instance (X (N, d), y (N,), x_query (d,)); the last is the query."""
+def _check_score_clip(model: str, score_clip):
+  """score_clip is Small TF's (`ops.attention_weights`); GPT-2 has softmax attention."""
+  score_clip = _checks.check_score_clip(score_clip)
+  if score_clip is not None and model != "small_tf":
+    raise ValueError(f"score_clip: only Small TF's ReLU attention takes a cap, got {score_clip} for {model!r}")
+  return score_clip
+
+
+def predict(model: str, params, X, y, x_query, *, score_clip=None) -> jax.Array:
+  """(N+1,) predictions for one instance (X (N, d), y (N,), x_query (d,)); the last is the query.
+  score_clip: Small TF's attention-weight cap (None: the paper's model; `ops.attention_weights`)."""
   _check_model(model)
+  score_clip = _check_score_clip(model, score_clip)
   if model == "small_tf":
-    return small_tf_predict(params, X, y, x_query)
+    return small_tf_predict(params, X, y, x_query, score_clip=score_clip)
   return _gpt2().predict(params, X, y, x_query)
 
 
-def _predict_batch(model: str, params, X, y, x_query) -> jax.Array:
+def _predict_batch(model: str, params, X, y, x_query, score_clip=None) -> jax.Array:
   """(B, N+1) predictions for a batch, unchecked (the objective's hot path)."""
   if model == "small_tf":
-    return _small_tf_predict_batch(params, X, y, x_query)
+    return _small_tf_predict_batch(params, X, y, x_query, score_clip=score_clip)
   return _gpt2()._predict_batch(params, X, y, x_query)
 
 
-def _predict_query_batch(model: str, params, X, y, x_query) -> jax.Array:
+def _predict_query_batch(model: str, params, X, y, x_query, score_clip=None) -> jax.Array:
   """(B,) query predictions, `_predict_batch(...)[:, -1]`; Small TF skips the work no other
   token needs (`small_tf._predict_query_batch`), GPT-2 takes the full pass."""
   if model == "small_tf":
-    return _small_tf_predict_query_batch(params, X, y, x_query)
+    return _small_tf_predict_query_batch(params, X, y, x_query, score_clip=score_clip)
   return _predict_batch(model, params, X, y, x_query)[:, -1]
 
 
 def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=None,
                    batch: int = 64, readout: str = "query", loss_on: str = "query",
-                   noise_std: float = 0.0, **model_kwargs) -> Objective:
+                   noise_std: float = 0.0, score_clip=None, **model_kwargs) -> Objective:
   """A `train.Objective`: fresh tasks every step (section 6), squared label loss.
 
   Args:
@@ -82,9 +92,13 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
     readout: Small TF read-out, one of 'query', 'linear', 'query_dagger' (ignored for gpt2).
     loss_on: "query" = mean_b (y_{N+1} - y_hat_{N+1})^2 (the paper's); "all" = mean over every
       prefix i = 1..N+1 of (y_i - y_hat_i)^2.
+    score_clip: Small TF only: None (the paper's ReLU attention) or c > 0, every attention
+      weight capped at c (`ops.attention_weights`; not the paper's model, a remedy for its
+      exploding prompts: BUILD_NOTES "Training stability"). Evaluate with the same cap.
     model_kwargs: passed to `init_params` (e.g. num_layers, out_scale for small_tf).
   """
   _check_model(model)
+  score_clip = _check_score_clip(model, score_clip)
   if loss_on not in LOSSES:
     raise ValueError(f"loss_on: expected one of {LOSSES}, got {loss_on!r}")
   if model == "small_tf":
@@ -104,9 +118,9 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
     # Batch-major forward passes: each weight meets all B * T tokens in one GEMM, and the weight
     # gradients of `ops.dense` stay single GEMMs (under vmap they would be B small ones).
     if loss_on == "query":
-      pred = _predict_query_batch(model, params, task.X, task.y, task.x_query)
+      pred = _predict_query_batch(model, params, task.X, task.y, task.x_query, score_clip)
       return jnp.mean((task.y_query - pred) ** 2)
-    preds = _predict_batch(model, params, task.X, task.y, task.x_query)
+    preds = _predict_batch(model, params, task.X, task.y, task.x_query, score_clip)
     targets = jnp.concatenate([task.y, task.y_query[:, None]], axis=1)
     return jnp.mean((targets - preds) ** 2)
 
@@ -114,7 +128,7 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
 
 
 @functools.lru_cache(maxsize=None)
-def _prefix_errors_fn(model: str):
+def _prefix_errors_fn(model: str, score_clip=None):
   def one(params, X, y, x_query, y_query):
     N = X.shape[0]
 
@@ -123,7 +137,7 @@ def _prefix_errors_fn(model: str):
     # that token the query of the length-n prompt. One pass per n, one compile for all n.
     def with_n(n):
       Xn = jnp.where((jnp.arange(N) == n)[:, None], x_query[None], X)
-      return predict(model, params, Xn, y, x_query)[n]
+      return predict(model, params, Xn, y, x_query, score_clip=score_clip)[n]
 
     preds = jax.vmap(with_n)(jnp.arange(N + 1))
     return (y_query - preds) ** 2
@@ -138,7 +152,7 @@ def _prefix_errors_fn(model: str):
   return jax.jit(errors)
 
 
-def evaluate(model: str, params, task: Task) -> dict:
+def evaluate(model: str, params, task: Task, *, score_clip=None) -> dict:
   """Query prediction error of a trained model on a batch of tasks, overall and per prompt length.
 
   Returns {"pred_error": mean (y_query - y_hat_query)^2 with all N demonstrations,
@@ -146,16 +160,19 @@ def evaluate(model: str, params, task: Task) -> dict:
              prompts, which the LayerNorm-free Small TF can produce),
            "per_prompt_length": {n: the same mean with only the first n demonstrations, n = 1..N}},
   the Transformer counterpart of `l2o_jax.metrics.per_prompt_length` (same targets).
+  score_clip: the Small TF attention-weight cap the params were trained with (`make_objective`).
   """
   _check_model(model)
+  score_clip = _check_score_clip(model, score_clip)
   if not isinstance(task, Task):
     raise ValueError(f"task: expected an l2o_jax.Task, got {type(task).__name__}")
   B, N, d = _checks.check_ndim("task.X", task.X, 3, "(B, N, d)")
   if N < 1:
     raise ValueError(f"task.X: expected at least one demonstration, got shape {(B, N, d)}")
   # Argument checks, outside jit; eval_shape runs them at trace time without computing anything.
-  jax.eval_shape(lambda p, t: predict(model, p, t.X[0], t.y[0], t.x_query[0]), params, task)
-  errs, median = _prefix_errors_fn(model)(params, task)
+  jax.eval_shape(lambda p, t: predict(model, p, t.X[0], t.y[0], t.x_query[0], score_clip=score_clip),
+                 params, task)
+  errs, median = _prefix_errors_fn(model, score_clip)(params, task)
   errs = np.asarray(errs)
   return {"pred_error": float(errs[N]), "pred_error_median": float(median),
           "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from l2o_jax import _checks
-from l2o_jax.ops import _attention, _mlp, bmm, causal_mask, dense, tracing_for_cpu
+from l2o_jax.ops import _attention, _mlp, attention_weights, bmm, causal_mask, dense, tracing_for_cpu
 from l2o_jax.transformer import readout as ro
 from l2o_jax.transformer.embedding import _embed, dim_from_D, embed, model_dim
 
@@ -54,13 +54,15 @@ def _check_body(params) -> tuple[int, int, int, int]:
   return L, M, D, Dh
 
 
-def transformer_forward(params, H, *, return_all: bool = False) -> jax.Array:
+def transformer_forward(params, H, *, return_all: bool = False, score_clip=None) -> jax.Array:
   """K blocks of TF_Theta (Definition 3.3): H <- MLP(Attn(H)), lax.scan over the blocks.
 
   Args:
     params: {"attn": {"Q","K","V": (K, M, D, D)}, "mlp": {"W1": (K, D', D), "W2": (K, D, D'), "b": (K, D')}}.
     H: (D, T) input sequence (e.g. `embed(X, y, x_query)`), tokens as columns.
     return_all: also return every block's output.
+    score_clip: None (Definition 3.1) or c > 0 to cap every attention weight at c
+      (`ops.attention_weights`; not the paper's model).
   Returns:
     (D, T) the output H^(K+1), or (K, D, T) with entry k-1 = H^(k+1) when return_all.
   """
@@ -68,13 +70,13 @@ def transformer_forward(params, H, *, return_all: bool = False) -> jax.Array:
   shape = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
   if shape[0] != D:
     raise ValueError(f"H: expected {D} rows to match params (D = {D}), got shape {shape}")
-  return _forward(params, H, return_all=return_all)
+  return _forward(params, H, return_all=return_all, score_clip=_checks.check_score_clip(score_clip))
 
 
-def _forward(params, H, *, return_all=False):
+def _forward(params, H, *, return_all=False, score_clip=None):
   def block(H, p):
     a, m = p["attn"], p["mlp"]
-    H = _mlp(_attention(H, a["Q"], a["K"], a["V"]), m["W1"], m["W2"], m["b"])
+    H = _mlp(_attention(H, a["Q"], a["K"], a["V"], score_clip), m["W1"], m["W2"], m["b"])
     return H, (H if return_all else None)
 
   H_out, all_H = lax.scan(block, H, params)
@@ -107,27 +109,18 @@ def _causal_blocks(blocks):
   return CPU_CAUSAL_BLOCKS if tracing_for_cpu() else 1
 
 
-def _attention_weights(scores, score_clip):
-  """ReLU(scores) (Definition 3.1), or min(ReLU(scores), score_clip): the capped weights are not
-  the paper's model, only `experiments.small_tf_stability`'s clip variants (a cap makes each
-  block's attention linear rather than cubic in the tokens)."""
-  if score_clip is None:
-    return jax.nn.relu(scores)
-  return jnp.clip(scores, 0.0, score_clip)
-
-
 def _masked_values(G, H, mask, blocks, score_clip=None):
   """Z (B, T M, D), rows (i, m): sum_{j <= i} mask[i, j] ReLU(g_im . h_j) h_j (Definition 3.1 before
   V_m), with g_im = A_m h_i = G[b, i, m]. Query tokens in `blocks` contiguous groups (None: the
   backend's default, `_causal_blocks`); group [lo, hi) needs keys j < hi only. `score_clip`: see
-  `_attention_weights` (None: the paper's ReLU)."""
+  `ops.attention_weights` (None: the paper's ReLU)."""
   B, T, M, D = G.shape
   blocks = _causal_blocks(blocks)
   edges = sorted({round(T * k / blocks) for k in range(blocks + 1)})
   Z = []
   for lo, hi in zip(edges[:-1], edges[1:]):
     Hk = H[:, :hi]
-    weights = _attention_weights(jnp.einsum("bimd,bjd->bimj", G[:, lo:hi], Hk), score_clip) * mask[lo:hi, :, :hi]
+    weights = attention_weights(jnp.einsum("bimd,bjd->bimj", G[:, lo:hi], Hk), score_clip) * mask[lo:hi, :, :hi]
     # sum_m V_m sum_j w_mij h_j: the tokens are aggregated per head first, then one GEMM applies
     # every V_m (in _block_rows). Aggregating V_m h_j instead costs the same FLOPs, but its
     # backward pass needs the (B, T, M, D) values transposed (~5% slower per step on CPU).
@@ -159,7 +152,7 @@ def _forward_rows(params, H, unroll=True, causal_blocks=None, score_clip=None):
   backward pass into zero-initialised buffers, which cost ~20% of the CPU train step
   (BUILD_NOTES; `unroll` is `lax.scan`'s, for the A/B in benchmarks/micro.py). Equal to
   `jax.vmap(_forward)` up to float32 rounding (tests/test_transformer.py). `score_clip` caps the
-  attention weights (`_attention_weights`; None, the default, is the paper's model).
+  attention weights (`ops.attention_weights`; None, the default, is the paper's model).
   """
   T = H.shape[1]
   mask = causal_mask(T, H.dtype).T[:, None, :]   # [i, ., j] = 1/i for j <= i (Definition 3.1)
@@ -176,7 +169,7 @@ def _query_block_rows(H, p, score_clip=None):
   A_s, V_t = _head_stacks(a)
   hq = H[:, -1]
   g = (hq @ A_s).reshape(B, M, D)
-  weights = _attention_weights(jnp.einsum("bmd,bjd->bmj", g, H), score_clip) * (1.0 / T)
+  weights = attention_weights(jnp.einsum("bmd,bjd->bmj", g, H), score_clip) * (1.0 / T)
   z = jnp.einsum("bmj,bjd->bmd", weights, H).reshape(B, M * D)
   hq = hq + z @ V_t
   return hq + jax.nn.relu(hq @ m["W1"].T + m["b"]) @ m["W2"].T
@@ -281,21 +274,24 @@ def _check_small_tf(params) -> tuple[str, int]:
   return kind, d
 
 
-def small_tf_predict(params, X, y, x_query) -> jax.Array:
+def small_tf_predict(params, X, y, x_query, *, score_clip=None) -> jax.Array:
   """(N+1,) predictions y_hat_1..y_hat_{N+1}; y_hat_i is read at token 2i-1 (has seen i-1
   demonstrations), so y_hat_{N+1} is the query prediction. Single instance; vmap for batches.
 
   X: (N, d); y: (N,); x_query: (d,). N is free: the model has no positional encoding.
+  score_clip: None (the paper's model) or the cap on every attention weight that the params
+  were trained with (`ops.attention_weights`).
   """
   _, d = _check_small_tf(params)
+  score_clip = _checks.check_score_clip(score_clip)
   H = embed(X, y, x_query)  # checks X, y, x_query
   if H.shape[0] != model_dim(d):
     raise ValueError(f"X: expected d = {d} columns to match params (D = {model_dim(d)}), got {X.shape[1]}")
-  return _predict(params, X, y, x_query)
+  return _predict(params, X, y, x_query, score_clip)
 
 
-def _predict(params, X, y, x_query):
-  return _readout(params, _forward(params["body"], _embed(X, y, x_query)), X, x_query)
+def _predict(params, X, y, x_query, score_clip=None):
+  return _readout(params, _forward(params["body"], _embed(X, y, x_query), score_clip=score_clip), X, x_query)
 
 
 def _readout(params, H, X, x_query):
