@@ -180,6 +180,10 @@ def test_nnx_wrapper_matches_pure_functions(tf_params, task):
   np.testing.assert_allclose(module(task.X[0], task.y[0], task.x_query[0]),
                              predict("small_tf", tf_params, task.X[0], task.y[0], task.x_query[0]), rtol=1e-6)
   assert jax.tree_util.tree_structure(module.to_params()) == jax.tree_util.tree_structure(tf_params)
+  capped = SmallTF.from_params(tf_params, score_clip=0.5)
+  np.testing.assert_allclose(capped(task.X[0], task.y[0], task.x_query[0]),
+                             small_tf_predict(tf_params, task.X[0], task.y[0], task.x_query[0], score_clip=0.5),
+                             rtol=1e-6)
   p = init_params("small_tf", jax.random.key(0), d=d, n=N, num_layers=1, readout="linear")
   assert readout_kind(p) == "linear"
 

@@ -334,10 +334,13 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
 
     Holds the same arrays as `small_tf_init` as nnx.Params; `to_params()` / `from_params()`
     convert to and from the pure pytree used by `small_tf_predict` and the training loop.
+    score_clip: the attention-weight cap (`ops.attention_weights`; None, the paper's model).
     """
 
     def __init__(self, *, d: int = 20, num_layers: int = 12, num_heads: int = 4,
-                 mlp_hidden: int | None = None, readout: str = "query", rngs=None, params=None, **init_kw):
+                 mlp_hidden: int | None = None, readout: str = "query", rngs=None, params=None,
+                 score_clip=None, **init_kw):
+      self.score_clip = _checks.check_score_clip(score_clip)
       if params is None:
         key = rngs.params() if rngs is not None else jax.random.key(0)
         params = small_tf_init(key, d=d, num_layers=num_layers, num_heads=num_heads,
@@ -350,8 +353,8 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
       self.readout_weight = nnx.Param(ro_arr) if ro_arr is not None else None
 
     @classmethod
-    def from_params(cls, params) -> "SmallTF":
-      return cls(params=params)
+    def from_params(cls, params, score_clip=None) -> "SmallTF":
+      return cls(params=params, score_clip=score_clip)
 
     def to_params(self) -> dict:
       val = lambda p: p[...]
@@ -364,7 +367,7 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
       return params
 
     def __call__(self, X, y, x_query):
-      return small_tf_predict(self.to_params(), X, y, x_query)
+      return small_tf_predict(self.to_params(), X, y, x_query, score_clip=self.score_clip)
 
 except ImportError:  # pragma: no cover - flax is a core dependency
   SmallTF = None
