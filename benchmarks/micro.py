@@ -191,7 +191,6 @@ def _flat_mean_value_and_grad(loss, params, batch, *, mesh):
   import jax
   import jax.numpy as jnp
   from jax.flatten_util import ravel_pytree
-  from jax.sharding import PartitionSpec as P
   from l2o_jax import distributed
   size = mesh.devices.size
 
@@ -201,9 +200,7 @@ def _flat_mean_value_and_grad(loss, params, batch, *, mesh):
     total = jax.lax.psum(jnp.concatenate([flat, value[None].astype(flat.dtype)]), distributed.AXIS) / size
     return total[-1].astype(value.dtype), unravel(total[:-1])
 
-  specs = jax.tree_util.tree_map(lambda x: P(distributed.AXIS) if distributed._splits(x, size) else P(), batch)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()),
-                       check_vma=False)(params, batch)
+  return distributed.per_device(local, params, batch, mesh=mesh)
 
 
 def bench_allreduce(repeats: int, steps: int = 10) -> dict:

@@ -3,6 +3,7 @@
   python -m experiments.small_tf_stability                       # every variant, 3,000 steps each
   python -m experiments.small_tf_stability --variants=lr1e-4,lr3e-5 --steps=3000 --out=stab.jsonl
   python -m experiments.small_tf_stability --variants=lr1e-4,drop1e3 --seeds=3   # 3 runs each
+  python -m experiments.small_tf_stability --init_scores   # first-block scores at initialisation
 
 The paper's Small TF (section 6: 12 blocks of Definition 3.3, 4 heads, D = 42, query loss) has no
 LayerNorm and its ReLU attention is cubic in the tokens, so a few prompts can blow the forward pass
@@ -53,8 +54,8 @@ VARIANTS = {
     "warm3000": Variant(1e-4, warmup=3000),
     "drop_nonfinite": Variant(1e-4, drop_above=float("inf")),
     "drop1e3": Variant(1e-4, drop_above=1e3),
-    "clip100": Variant(1e-4, score_clip=100.0),   # ~3.6x the largest layer-1 score at init (27.9)
-    "clip10": Variant(1e-4, score_clip=10.0),     # below their 99.9th percentile (12.8; BUILD_NOTES)
+    "clip100": Variant(1e-4, score_clip=100.0),   # ~3.4x the largest first-block score at init (29.6)
+    "clip10": Variant(1e-4, score_clip=10.0),     # below their 99.9th percentile (13.1; --init_scores)
 }
 
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"variants to run, from {sorted(VARIANTS)}")
@@ -67,6 +68,11 @@ _D = flags.DEFINE_integer("d", 20, "dimension of beta* (paper: 20; N = 10, S = 3
 _SEEDS = flags.DEFINE_integer("seeds", 1, "seeds 0..S-1 per variant (initialisation and batches), "
                               "trained together in one program; one JSON line per seed")
 _OUT = flags.DEFINE_string("out", "", "also append the JSON lines to this file")
+_INIT_SCORES = flags.DEFINE_bool("init_scores", False, "only print the percentiles of the first "
+                                 "block's ReLU scores of seed 0's initial model on its first batch "
+                                 "(what the clip variants' caps were chosen from), then exit")
+
+SCORE_PERCENTILES = (50, 90, 99, 99.9, 100)
 
 
 def window_stats(losses, window: int, skipped=None):
@@ -103,6 +109,23 @@ def query_errors(params, task, score_clip=None):
   return (task.y_query - pred) ** 2
 
 
+def initial_score_percentiles(params, task, percentiles=SCORE_PERCENTILES) -> list[float]:
+  """Percentiles of the first block's attention weights ReLU(score) (Definition 3.1, before the
+  1/i mask) over every causal (query i, key j <= i) pair, head and prompt of `task`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from l2o_jax.transformer import small_tf as stf
+  H = stf._embed_rows(task.X, task.y, task.x_query)                  # (B, T, D)
+  first = jax.tree_util.tree_map(lambda x: x[0], params["body"])
+  A_s, _ = stf._head_stacks(first["attn"])
+  B, T, D = H.shape
+  G = (H @ A_s).reshape(B, T, -1, D)                                 # A_m h_i
+  scores = jax.nn.relu(jnp.einsum("bimd,bjd->bimj", G, H))
+  causal = np.tril(np.ones((T, T), bool))[None, :, None, :]
+  return [float(v) for v in np.percentile(np.asarray(scores)[np.broadcast_to(causal, scores.shape)], percentiles)]
+
+
 def drop_exploding_prompts(objective, drop_above: float, score_clip=None):
   """`objective` (Small TF, query loss) with each batch's exploding prompts left out of the loss.
 
@@ -137,6 +160,16 @@ def main(argv):
   if _SEEDS.value < 1:
     raise app.UsageError(f"seeds: expected >= 1, got {_SEEDS.value}")
   seeds = list(range(_SEEDS.value))
+  if _INIT_SCORES.value:
+    import jax
+    from l2o_jax import train
+    from l2o_jax.transformer import make_objective
+    objective = make_objective("small_tf", d=_D.value, batch=_BATCH.value, num_layers=_NUM_LAYERS.value)
+    state = train.init_state(objective, train.make_optimizer(1e-4), 0)   # seed 0, as in training
+    batch = objective.sample(jax.random.fold_in(state.key, 0))           # its step-0 batch
+    print(json.dumps({"percentiles": list(SCORE_PERCENTILES),
+                      "first_block_relu_scores": initial_score_percentiles(state.params, batch)}))
+    return
   from l2o_jax import distributed
   distributed.set_cpu_devices(distributed.auto_cpu_devices((_BATCH.value,)))
   import jax

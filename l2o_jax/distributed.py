@@ -164,12 +164,19 @@ def mean_value_and_grad(loss, params, batch, *, mesh: Mesh):
     value, grads = jax.lax.psum((value, grads), AXIS)
     return value / size, jax.tree_util.tree_map(lambda g: g / size, grads)
 
+  return per_device(local, params, batch, mesh=mesh)
+
+
+def per_device(fn, params, batch, *, mesh: Mesh):
+  """fn(params, shard) on every device inside `jax.shard_map`: params replicated, each batch
+  leaf split along its leading axis when that divides by the device count (else replicated).
+  fn must return replicated values (e.g. after a psum)."""
+  size = mesh.devices.size
   specs = jax.tree_util.tree_map(lambda x: P(AXIS) if _splits(x, size) else P(), batch)
   # check_vma=False: the loss is any user function, traced per device as written; with the
   # varying-axes type check on, ordinary code such as a lax.scan whose carry starts at
   # jnp.zeros(...) and then meets per-device data would be rejected (LISTA's layer loop is one).
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()),
-                       check_vma=False)(params, batch)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(params, batch)
 
 
 def _splits(x, size: int) -> bool:

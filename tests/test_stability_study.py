@@ -108,3 +108,19 @@ def test_capped_objective_is_the_query_loss_of_the_capped_model():
   np.testing.assert_allclose(loose, plain, rtol=1e-6)
   np.testing.assert_allclose(dropped, clipped, rtol=1e-5)    # nothing dropped: the capped loss
   assert abs(clipped - plain) > 1e-3 * abs(plain)              # the cap binds
+
+
+def test_initial_score_percentiles_match_a_loop_over_definition_3_1():
+  import jax
+
+  from l2o_jax.transformer import make_objective
+  from l2o_jax.transformer import small_tf as stf
+
+  objective = make_objective("small_tf", d=3, batch=2, num_layers=2, num_heads=2)
+  params, task = objective.init(jax.random.key(0)), objective.sample(jax.random.key(1))
+  H = np.asarray(stf._embed_rows(task.X, task.y, task.x_query))       # (B, T, D)
+  Q, K = (np.asarray(params["body"]["attn"][k][0], np.float64) for k in "QK")
+  weights = [max(0.0, float((Q[m] @ h[i]) @ (K[m] @ h[j])))
+             for h in H for i in range(len(h)) for j in range(i + 1) for m in range(len(Q))]
+  got = study.initial_score_percentiles(params, task, (10, 50, 90, 100))
+  np.testing.assert_allclose(got, np.percentile(weights, (10, 50, 90, 100)), rtol=1e-4, atol=1e-6)
