@@ -28,7 +28,7 @@ def main(argv):
   # Both must happen before JAX starts its backends, which validation's device count does.
   try:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-      distributed.set_cpu_devices(runner.cpu_device_count(config))
+      distributed.set_cpu_devices(runner.cpu_device_count(config, _WORKDIR.value))
     multihost_kwargs = runner.multihost_kwargs(config)
   except runner.ConfigError as e:
     sys.exit(f"config error: {e}")
@@ -49,5 +49,19 @@ def main(argv):
     sys.exit(0)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a misspelt --config.FIELD reported as a config error instead of
+  ml_collections' AttributeError traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    inner = e.args[0] if e.args else e
+    while isinstance(inner, (AttributeError, KeyError)) and inner.args:
+      inner = inner.args[0]
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"config error: no such config field: {str(inner).strip()} (overrides given: "
+             f"{', '.join(overrides) or 'none'})".replace("\n", " "))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

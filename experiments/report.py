@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments.runner import FIXED_X, Job, _ints, _split  # noqa: E402
+from experiments.writers import read_jsonl  # noqa: E402
 
 LABELS = {"lista": "LISTA", "lista_cp": "LISTA-CP", "alista": "ALISTA", "lista_meta": "LISTA (meta)",
           "lista_cp_meta": "LISTA-CP (meta)", "lista_vm": "LISTA-VM", "lista_vm_ss": "LISTA-VM-SS",
@@ -38,17 +39,40 @@ def load(workdir: str) -> dict:
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"WORKDIR: {workdir} has no config.json (not a run directory)")
-  run = {"config": json.load(open(cfg_path)), "jobs": {}, "references": {}, "workdir": workdir}
+  cfg = json.load(open(cfg_path))
+  run = {"config": cfg, "jobs": {}, "references": {}, "workdir": workdir, "unfinished": {},
+         "studies": _split(cfg["studies"])}
   summary = os.path.join(workdir, "results.json")
   if os.path.exists(summary):
     s = json.load(open(summary))
     run["references"] = s.get("references", {})
     run["classical_table"] = s.get("classical_table")
+    # Studies of earlier launches into this workdir (results.json accumulates them).
+    run["studies"] += [st for st in s.get("studies", []) if st not in run["studies"]]
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name, "results.json")
     if os.path.exists(path):
       run["jobs"][name] = json.load(open(path))
+    elif os.path.isdir(os.path.join(workdir, name, "checkpoints")):
+      metrics = os.path.join(workdir, name, "metrics.jsonl")
+      records = read_jsonl(metrics) if os.path.exists(metrics) else []
+      run["unfinished"][name] = records[-1] if records else {}
   return run
+
+
+def unfinished_table(run) -> list[str]:
+  """Jobs that started but have no results (stopped, interrupted or still running)."""
+  if not run["unfinished"]:
+    return []
+  md = ["### Unfinished jobs", "",
+        "Started but without results: interrupted, stopped on a non-finite loss, or still running. "
+        "Relaunching the same command resumes them from their last checkpoint.", "",
+        "| job | last logged step | train loss | test prediction error |", "|---|---:|---:|---:|"]
+  for name, last in run["unfinished"].items():
+    cells = [last.get("step"), last.get("train_loss"), last.get("test_pred_error")]
+    md.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                          for v in cells) + " |")
+  return md + [""]
 
 
 def _job_name(cfg, method, support=None) -> str:
@@ -69,7 +93,7 @@ def _fmt(entry) -> str:
 
 def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[str]] | None:
   cfg = run["config"]
-  if study not in _split(cfg["studies"]):
+  if study not in run["studies"]:
     return None
   methods = _split(cfg[study]["methods"])
   refs = run["references"].get(f"support{support}" if support else "none", {})
@@ -133,7 +157,7 @@ def _beyond_training_n(ax, N: int, ns) -> list[str]:
 
 def fig1c(run, out_dir: str):
   cfg = run["config"]
-  if "fig1c" not in _split(cfg["studies"]):
+  if "fig1c" not in run["studies"]:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
   rows = []
@@ -165,7 +189,7 @@ def fig1c(run, out_dir: str):
 
 def curves(run, study: str, out_dir: str):
   cfg = run["config"]
-  if study not in _split(cfg["studies"]):
+  if study not in run["studies"]:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
   rows = []
@@ -221,7 +245,7 @@ def _save_log_figure(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: s
 
 def layers(run, out_dir: str):
   cfg = run["config"]
-  if "layers" not in _split(cfg["studies"]):
+  if "layers" not in run["studies"]:
     return None
   ks = _ints("layers.ks", cfg["layers"]["ks"])
   refs = run["references"].get("none", {})
@@ -325,11 +349,11 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
   """Writes the figures and results.md; returns (figure paths, markdown path)."""
   if not workdirs:
     raise ValueError("WORKDIR: expected at least one run directory")
+  runs = [load(workdir) for workdir in workdirs]   # every WORKDIR checked before anything is written
   out_dir = out_dir or os.path.join(workdirs[0], "report")
   os.makedirs(out_dir, exist_ok=True)
   figures, md = [], ["# Results", ""]
-  for workdir in workdirs:
-    run = load(workdir)
+  for workdir, run in zip(workdirs, runs):
     cfg = run["config"]
     md += [f"## Run `{cfg['name']}` ({workdir})", "",
            f"d = {cfg['problem']['d']}, N = {cfg['problem']['n']}, S = {cfg['problem']['s']}, "
@@ -351,6 +375,7 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
         md += table + [f"![]({os.path.relpath(path, out_dir)})", ""]
     if run.get("classical_table"):
       md += ["### Classical baselines", "", run["classical_table"], ""]
+    md += unfinished_table(run)
   md_path = os.path.join(out_dir, "results.md")
   with open(md_path, "w") as f:
     f.write("\n".join(md))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -34,7 +35,9 @@ TF_METHODS = ("small_tf", "gpt2")
 METHODS = LISTA_METHODS + TF_METHODS
 READOUTS = ("linear", "query", "query_dagger")
 FIXED_X = ("lista", "lista_cp", "alista")          # trained on one fixed X (classical L2O)
-# Config fields that may change between launches on the same workdir (they do not change results).
+# Config fields that may change between launches on the same workdir (they do not change results;
+# cpu_devices does, by float rounding, so a started job also checks its recorded device count:
+# `check_job_devices`).
 RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devices",
                        "coordinator_address", "num_processes", "process_id")
 # Fields added after runs were made, with the value those runs used (a relaunch of an older
@@ -75,6 +78,29 @@ def _choices(field: str, values: list[str], allowed) -> None:
       raise ConfigError(f"{field}: unknown name {v!r}; allowed: {', '.join(allowed)}")
 
 
+def _number(field: str, value, low: float = 0.0, *, strict: bool = False) -> float:
+  """A finite number >= low (> low when strict)."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        and (value > low if strict else value >= low))
+  if not ok:
+    raise ConfigError(f"{field}: expected a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+  return float(value)
+
+
+def classical_lams(c) -> list[float]:
+  """eval.classical_lams: the lam values of the classical table (comma-separated, each >= 0)."""
+  try:
+    lams = [float(v) for v in _split(c.eval.classical_lams)]
+  except ValueError:
+    raise ConfigError(f"eval.classical_lams: expected comma-separated numbers >= 0, "
+                      f"got {c.eval.classical_lams!r}") from None
+  if not lams:
+    raise ConfigError("eval.classical_lams: expected at least one lam, got none")
+  for lam in lams:
+    _number("eval.classical_lams", lam)
+  return lams
+
+
 def _multiple(field: str, value: int, of_field: str, of: int) -> None:
   if value % of:
     raise ConfigError(f"{field}: expected a multiple of {of_field}={of}, got {value}")
@@ -97,7 +123,7 @@ def validate(c) -> None:
   for study in ("fig1a", "fig1b", "fig2", "fig3"):
     _choices(f"{study}.methods", _split(c[study].methods), METHODS)
   _positive("fig1b.support", c.fig1b.support)
-  if not p.s <= c.fig1b.support <= p.d:
+  if "fig1b" in studies and not p.s <= c.fig1b.support <= p.d:
     raise ConfigError(f"fig1b.support: expected problem.s={p.s} <= support <= problem.d={p.d}, "
                       f"got {c.fig1b.support}")
   _choices("fig1c.readouts", _split(c.fig1c.readouts), READOUTS)
@@ -122,10 +148,13 @@ def validate(c) -> None:
   _multiple("tf_train.eval_every", tt.eval_every, "tf_train.steps_per_call", tt.steps_per_call)
   _multiple("tf_train.checkpoint_every", tt.checkpoint_every, "tf_train.steps_per_call", tt.steps_per_call)
   method_learning_rates(lt.method_learning_rates)
-  for f in ("lista_train.learning_rate", "tf_train.learning_rate"):
-    sec, name = f.split(".")
-    if not c[sec][name] > 0:
-      raise ConfigError(f"{f}: expected > 0, got {c[sec][name]}")
+  for sec in ("lista_train", "tf_train"):
+    _number(f"{sec}.learning_rate", c[sec].learning_rate, strict=True)
+    _number(f"{sec}.clip_norm", c[sec].clip_norm)          # 0: off; < 0 would ascend the gradient
+    _number(f"{sec}.end_lr_factor", c[sec].end_lr_factor)
+  _number("lista.lam", c.lista.lam)
+  _number("eval.lam", c.eval.lam)
+  classical_lams(c)
   for f in ("small_tf_layers", "small_tf_heads", "gpt2_layers", "gpt2_width", "gpt2_heads"):
     _positive(f"tf.{f}", c.tf[f])
   if c.tf.gpt2_width % c.tf.gpt2_heads:
@@ -172,12 +201,58 @@ def multihost_kwargs(c) -> dict:
   return kwargs
 
 
-def cpu_device_count(c) -> int:
-  """The CPU device count `experiments.main` sets before JAX starts (config field cpu_devices)."""
+def cpu_device_count(c, workdir: str | None = None) -> int:
+  """The CPU device count `experiments.main` sets before JAX starts (config field cpu_devices).
+
+  Auto (0) first looks in `workdir` for an unfinished job and reuses the device count it was
+  trained on (`DEVICES_FILE`): a resumed job must keep it to continue its exact trajectory, and
+  the automatic count depends on the cores this process may use (e.g. under `taskset`)."""
   _positive("cpu_devices", c.cpu_devices, 0)
   if c.cpu_devices:
     return c.cpu_devices
+  recorded = unfinished_job_devices(workdir) if workdir else None
+  if recorded:
+    return recorded
   return distributed.auto_cpu_devices([c.tf_train.batch, c.lista_train.batch])
+
+
+# Per job: the device count and platform its training started on.
+DEVICES_FILE = "devices.json"
+
+
+def unfinished_job_devices(workdir: str) -> int | None:
+  """The CPU device count recorded by the most recently started unfinished job in `workdir`."""
+  found = []
+  for name in (os.listdir(workdir) if os.path.isdir(workdir) else []):
+    path = os.path.join(workdir, name, DEVICES_FILE)
+    if os.path.exists(path) and not os.path.exists(os.path.join(workdir, name, "results.json")):
+      rec = json.load(open(path))
+      if rec.get("platform") == "cpu":
+        found.append((os.path.getmtime(path), int(rec["devices"])))
+  return max(found)[1] if found else None
+
+
+def check_job_devices(jobdir: str, has_checkpoint: bool) -> None:
+  """Records the job's device count at its first launch; refuses to resume it on another count.
+
+  Data-parallel training sums the per-device gradients in an order that depends on the device
+  count, so a job resumed on a different count continues a different float trajectory and would
+  end at numbers no uninterrupted run gives (seen: 1.047 on one device, 0.985 on two, 1.026 when
+  switched half way)."""
+  path = os.path.join(jobdir, DEVICES_FILE)
+  now = {"devices": jax.device_count(), "platform": jax.default_backend()}
+  if has_checkpoint and os.path.exists(path):
+    was = json.load(open(path))
+    if (was["devices"], was["platform"]) != (now["devices"], now["platform"]):
+      hint = (f"relaunch with --config.cpu_devices={was['devices']}" if was["platform"] == "cpu"
+              else f"relaunch on {was['devices']} {was['platform']} devices")
+      raise ConfigError(
+          f"cpu_devices: {jobdir} was trained on {was['devices']} {was['platform']} device(s), this "
+          f"launch has {now['devices']} {now['platform']}; the resumed trajectory would differ from "
+          f"an uninterrupted run (float rounding of the gradient all-reduce): {hint}, or use a new "
+          "--workdir")
+  elif jax.process_index() == 0 and not has_checkpoint:
+    writers.write_json(path, now)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +323,9 @@ def method_learning_rates(spec: str) -> dict[str, float]:
       lr = float(value)
     except ValueError:
       lr = -1.0
-    if not sep or name not in lista.METHODS or not lr > 0:
+    if not sep or name not in lista.METHODS or not 0 < lr < math.inf:
       raise ConfigError(f"lista_train.method_learning_rates: expected comma-separated METHOD=LR with METHOD "
-                        f"in {lista.METHODS} and LR > 0, got {item!r}")
+                        f"in {lista.METHODS} and a finite LR > 0, got {item!r}")
     out[name] = lr
   return out
 
@@ -276,7 +351,8 @@ def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, in
         job.lista_method, protocol=job.protocol, d=p.d, n=p.n, s=p.s, support=job.support,
         num_layers=job.num_layers or c.lista.num_layers, batch=batch,
         matrices_per_batch=None if job.protocol == "fixed" else matrices,
-        X_fixed=fixed_X(c) if job.protocol == "fixed" else None, lam=c.lista.lam)
+        X_fixed=fixed_X(c) if job.protocol == "fixed" else None, lam=c.lista.lam,
+        noise_std=p.noise_std)
     lr = method_learning_rates(lt.method_learning_rates).get(job.lista_method, lt.learning_rate)
     optimizer = train.make_optimizer(lr, clip_norm=lt.clip_norm or None,
                                      decay_steps=steps if lt.cosine_decay else None,
@@ -440,6 +516,11 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
     objective = distributed.data_parallel(objective, mesh)
   seeds = [c.seed + i for i in range(c.seeds)]
   checkpointer = ckpt_lib.Checkpointer(os.path.join(jobdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
+  try:
+    check_job_devices(jobdir, checkpointer.latest_step() is not None)
+  except ConfigError:
+    checkpointer.close()
+    raise
   chief = jax.process_index() == 0  # multi-host: one process writes the logs
   metrics_path = os.path.join(jobdir, "metrics.jsonl")
   events = writers.EventWriter(jobdir) if chief else None
@@ -471,7 +552,7 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
       + (f", {mesh.devices.size} devices" if mesh.devices.size > 1 else ""))
   try:
     result = train.fit(
-        objective, optimizer, steps, seeds=seeds, steps_per_call=min(spc, steps),
+        objective, optimizer, steps, seeds=seeds, steps_per_call=max(1, min(spc, steps)),
         checkpointer=checkpointer, checkpoint_every=ckpt_every, eval_every=eval_every,
         place=(lambda s: distributed.replicate(s, mesh)) if mesh.devices.size > 1 else None,
         on_chunk=on_chunk, should_stop=stop, instances_per_step=batch,
@@ -564,7 +645,7 @@ def _per_prompt_length_masked(solver, task: L.Task, lengths) -> dict[int, float]
 
 def classical(c, workdir: str, log) -> str:
   from experiments import classical as classical_lib
-  lams = [float(v) for v in _split(c.eval.classical_lams)]
+  lams = classical_lams(c)
   rows = classical_lib.classical_rows(seed=c.eval.seed, num_tasks=c.eval.num_tasks, lams=lams,
                                       num_iters=c.eval.iters, d=c.problem.d, n=c.problem.n, s=c.problem.s)
   table = classical_lib.format_table(rows, num_iters=c.eval.iters)
@@ -643,6 +724,16 @@ def _run(c, workdir, log):
   if "classical" in studies:
     results["classical_table"] = classical(c, workdir, log)
   results["wall_time_s"] = time.time() - t0
-  writers.write_json(os.path.join(workdir, "results.json"), results)
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    # A relaunch may run other studies (config fields studies / name may change): keep what the
+    # earlier launches computed, so the workdir's results.json covers every study run in it.
+    old = json.load(open(path))
+    results["studies"] = [s for s in old.get("studies", []) if s not in studies] + studies
+    results["jobs"] = {**old.get("jobs", {}), **results["jobs"]}
+    results["references"] = {**old.get("references", {}), **results["references"]}
+    if "classical_table" not in results and "classical_table" in old:
+      results["classical_table"] = old["classical_table"]
+  writers.write_json(path, results)
   log(f"done in {time.time() - t0:.0f}s; results in {os.path.join(workdir, 'results.json')}")
   return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -62,6 +63,18 @@ def check_score_clip(score_clip) -> float | None:
   if isinstance(score_clip, bool) or not isinstance(score_clip, numbers.Real) or not score_clip > 0:
     raise ValueError(f"score_clip: expected None or a number > 0, got {score_clip!r}")
   return float(score_clip)
+
+
+def check_key(name: str, key) -> None:
+  """Rejects the common mistake of an int seed where a `jax.random.key` is expected."""
+  if isinstance(key, (bool, numbers.Integral)):
+    raise ValueError(f"{name}: expected a jax.random.key, got the int {key!r}; use jax.random.key({key!r})")
+
+
+def float_dtype(*arrays):
+  """The floating dtype the numerics run in: the arrays' common type, at least float32 (ints and
+  bools become float32; float64 stays float64 under `jax.enable_x64`)."""
+  return jnp.result_type(*arrays, jnp.float32)
 
 
 def check_instance(X, y) -> tuple[int, int]:

@@ -116,16 +116,13 @@ def replicate(tree, mesh: Mesh):
 def shard_batch(batch, mesh: Mesh):
   """Inside jit: constrains each leaf's leading (instance) axis to be split over "data".
 
-  Leaves whose leading size is not a multiple of the device count (or scalars) stay replicated.
+  The instance count B is the leading size of the batch's first leaf (a `Task`'s X); leaves
+  with leading size B are split, all others (scalars, shared matrices) stay replicated. So a
+  shared leaf must not have B rows; pass such data through the loss's closure instead.
   """
-  size = mesh.devices.size
-
-  def constrain(x):
-    if _splits(x, size):
-      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(AXIS)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
-
-  return jax.tree_util.tree_map(constrain, batch)
+  return jax.tree_util.tree_map(
+      lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)),
+      batch, _batch_specs(batch, mesh.devices.size))
 
 
 def data_parallel(objective: Objective, mesh: Mesh) -> Objective:
@@ -168,19 +165,27 @@ def mean_value_and_grad(loss, params, batch, *, mesh: Mesh):
 
 
 def per_device(fn, params, batch, *, mesh: Mesh):
-  """fn(params, shard) on every device inside `jax.shard_map`: params replicated, each batch
-  leaf split along its leading axis when that divides by the device count (else replicated).
-  fn must return replicated values (e.g. after a psum)."""
-  size = mesh.devices.size
-  specs = jax.tree_util.tree_map(lambda x: P(AXIS) if _splits(x, size) else P(), batch)
+  """fn(params, shard) on every device inside `jax.shard_map`: params replicated, the batch's
+  instance leaves split along their leading axis (`shard_batch`'s rule), other leaves
+  replicated. fn must return replicated values (e.g. after a psum)."""
+  specs = _batch_specs(batch, mesh.devices.size)
   # check_vma=False: the loss is any user function, traced per device as written; with the
   # varying-axes type check on, ordinary code such as a lax.scan whose carry starts at
   # jnp.zeros(...) and then meets per-device data would be rejected (LISTA's layer loop is one).
   return jax.shard_map(fn, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(params, batch)
 
 
-def _splits(x, size: int) -> bool:
-  return x.ndim >= 1 and x.shape[0] % size == 0
+def _batch_specs(batch, size: int):
+  """P("data") for the leaves with the instance count B as leading size, P() for the rest."""
+  leaves = jax.tree_util.tree_leaves(batch)
+  first = np.shape(leaves[0]) if leaves else ()
+  if not first:
+    return jax.tree_util.tree_map(lambda x: P(), batch)
+  B = first[0]
+  if B % size:
+    raise ValueError(f"batch: expected the instance count (leading size of the first leaf, {B}) "
+                     f"to be a multiple of the number of devices ({size})")
+  return jax.tree_util.tree_map(lambda x: P(AXIS) if np.ndim(x) >= 1 and np.shape(x)[0] == B else P(), batch)
 
 
 def check_batch(batch: int, mesh: Mesh, name: str = "batch") -> None:

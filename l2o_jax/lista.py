@@ -53,6 +53,8 @@ def _check_sizes(num_layers, d, n, lam, X):
   n = _checks.check_positive_int("n", n)
   _checks.check_nonnegative("lam", lam)
   shape = None if X is None else _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
+  if X is not None and _checks.is_concrete(X) and not np.all(np.isfinite(np.asarray(X, np.float64))):
+    raise ValueError(f"X: expected finite entries (the init computes lambda_max(X^T X)), got NaN or inf")
   return num_layers, d, n, shape
 
 
@@ -166,32 +168,43 @@ def _check_params(method, params, n, d) -> int:
   for name, want in _param_shapes(method, K, n, d).items():
     got = _checks.shape_of(f"params['{name}']", params[name])
     if got != want:
-      raise ValueError(f"params['{name}']: expected shape {want} for {method!r} with K={K} layers and "
-                       f"X of shape ({n}, {d}), got {got}")
+      raise ValueError(f"params['{name}']: expected shape {want} for {method!r} with K={K} layers (the "
+                       f"length of params['theta']) and X of shape ({n}, {d}), got {got}")
   return K
+
+
+def _as_float(params, X, y):
+  """X and y in one floating dtype with the params (ints become float32; under x64 a float64
+  input keeps float64), so the layer loop's carry has one type."""
+  dtype = _checks.float_dtype(X, y, *jax.tree_util.tree_leaves(params))
+  return jnp.asarray(X, dtype), jnp.asarray(y, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public single-instance functions.
 
 
-def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int = 10, lam: float = DEFAULT_LAM,
+def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int | None = None, lam: float = DEFAULT_LAM,
                   X=None, support=None):
   """LISTA-VM parameters {"M": (K, d, d), "theta": (K,)} with an ISTA-like start.
 
   With M_k = c I, eq. (4.4) is ISTA with step c / (2n+1). We take c = (2n+1)/L and
   theta_k = lam / L, where L = lambda_max(X^T X) if the (n, d) matrix X is given (then
   `lista_vm(params, X, y)` equals `ista(X, y, lam, K)` exactly) and otherwise the expected
-  L ~ (sqrt(n) + sqrt(d))^2 of a standard Gaussian X (n defaults to the paper's N = 10). With a
+  L ~ (sqrt(n) + sqrt(d))^2 of a standard Gaussian X (n defaults to X's rows, else the paper's
+  N = 10; an n that contradicts X is an error). With a
   support prior (LISTA-VM-SS) X's columns outside it are zeroed first, and the expected L uses
   the prior's size instead of d. A PRNG key (instead of None) adds i.i.d. N(0, (0.01 c)^2)
   noise to every entry of M.
   """
-  num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X)
+  if key_or_none is not None:
+    _checks.check_key("key_or_none", key_or_none)
+  if X is not None and n is None:
+    n = _checks.check_ndim("X", X, 2, f"(n, {d})")[0]
+  num_layers, d, n, shape = _check_sizes(num_layers, d, 10 if n is None else n, lam, X)
   if X is not None:
-    if shape[1] != d:
-      raise ValueError(f"X: expected {d} columns (d), got shape {shape}")
-    n = shape[0]
+    if shape != (n, d):
+      raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {shape}")
     L = _np_lipschitz(np.asarray(X, np.float64) * tasks_lib.support_mask(support, d))
   else:
     L = _expected_lipschitz(n, len(tasks_lib.support_indices(support, d, 1)))
@@ -215,7 +228,7 @@ def lista_vm(params, X, y, *, return_all: bool = False):
   """
   n, d = _checks.check_instance(X, y)
   _check_params("lista_vm", params, n, d)
-  return _apply_lista_vm(params, X, y, return_all)
+  return _apply_lista_vm(params, *_as_float(params, X, y), return_all)
 
 
 def lista_vm_ss(params, X, y, support, *, return_all: bool = False):
@@ -227,7 +240,8 @@ def lista_vm_ss(params, X, y, support, *, return_all: bool = False):
   """
   n, d = _checks.check_instance(X, y)
   _check_params("lista_vm_ss", params, n, d)
-  mask = jnp.asarray(tasks_lib.support_mask(support, d), jnp.result_type(X))
+  X, y = _as_float(params, X, y)
+  mask = jnp.asarray(tasks_lib.support_mask(support, d), X.dtype)
   return _apply_lista_vm_ss(params, X, y, mask, return_all)
 
 
@@ -281,6 +295,8 @@ def init(method: str, key, *, num_layers: int = 12, d: int = 20, n: int = 10, X=
   A key (rather than None) perturbs the matrices by 1% relative Gaussian noise.
   """
   _check_method(method)
+  if key is not None:
+    _checks.check_key("key", key)
   num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X)
   if X is not None:
     if shape != (n, d):
@@ -329,26 +345,30 @@ def apply(method: str, params, X, y, *, support=None, return_all: bool = False):
                      f"for {method!r}")
   n, d = _checks.check_instance(X, y)
   _check_params(method, params, n, d)
-  return _apply(method, params, X, y, None, return_all)
+  return _apply(method, params, *_as_float(params, X, y), None, return_all)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training objectives.
 
 
-def _sample_meta(key, *, batch, matrices, d, n, s, support):
+def _sample_meta(key, *, batch, matrices, d, n, s, support, noise_std=0.0):
   """`matrices` fresh X's, each shared by batch // matrices fresh sparse vectors (Appendix F)."""
   k_task, k_x = jax.random.split(key)
-  task = tasks_lib.sample_tasks(k_task, batch, d=d, n=n, s=s, support=support)
+  task = tasks_lib.sample_tasks(k_task, batch, d=d, n=n, s=s, support=support, noise_std=noise_std)
   X = jax.random.normal(k_x, (matrices, n, d), jnp.float32)
   X = jnp.repeat(X, batch // matrices, axis=0)
   y = jnp.einsum("bnd,bd->bn", X, task.beta)
+  if noise_std:
+    # The labels are remeasured with the shared X's, so they need their own noise; drawn from a
+    # folded key only when asked for, so noiseless runs keep their exact data stream.
+    y = y + noise_std * jax.random.normal(jax.random.fold_in(key, 1), y.shape, y.dtype)
   return task._replace(X=X, y=y)
 
 
 def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: int = 3, support=None,
                    num_layers: int = 12, batch: int = 500, matrices_per_batch: int | None = None,
-                   X_fixed=None, lam: float = DEFAULT_LAM) -> Objective:
+                   X_fixed=None, lam: float = DEFAULT_LAM, noise_std: float = 0.0) -> Objective:
   """A `train.Objective` for `method` under the classical ("fixed") or meta-training protocol.
 
   protocol "fixed": every batch is `batch` fresh S-sparse vectors measured by X_fixed (n, d)
@@ -358,6 +378,8 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
     is 100 matrices x 500 vectors = 50,000 instances (Appendix F). Not available for alista,
     whose W is the solution of an optimisation problem for one fixed X (as in the paper).
   `support` restricts the sparse vectors' support (and, for lista_vm_ss, the model) to a prior.
+  `noise_std`: Gaussian noise on the training labels y (`sample_tasks`; the paper's is 0). The
+  target stays the noiseless beta*.
   Loss: the paper's sum_j ||beta_hat_j - beta_j||^2 divided by the batch size (a mean, so the
   learning rate does not depend on the batch).
   """
@@ -371,6 +393,10 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
   num_layers = _checks.check_positive_int("num_layers", num_layers)
   tasks_lib.support_indices(support, d, s)  # validates support and s
   mask = jnp.asarray(tasks_lib.support_mask(support, d))
+  if _checks.shape_of("noise_std", noise_std) != ():
+    raise ValueError(f"noise_std: expected a scalar, got shape {_checks.shape_of('noise_std', noise_std)}")
+  _checks.check_nonnegative("noise_std", noise_std)
+  noise_std = float(noise_std)
   if protocol == "fixed":
     if X_fixed is None:
       raise ValueError("X_fixed: protocol 'fixed' needs the fixed (n, d) measurement matrix, got None")
@@ -381,7 +407,7 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
       raise ValueError(f"matrices_per_batch: only used by protocol 'meta', got {matrices_per_batch}")
     X_fixed = jnp.asarray(X_fixed, jnp.float32)
     sample = functools.partial(tasks_lib.sample_tasks, batch=batch, d=d, n=n, s=s, support=support,
-                               X=X_fixed)
+                               X=X_fixed, noise_std=noise_std)
   else:
     if method == "alista":
       raise ValueError("method: 'alista' cannot be meta-trained (its W solves a non-convex problem per "
@@ -393,7 +419,7 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
     if batch % matrices:
       raise ValueError(f"matrices_per_batch: expected a divisor of batch={batch}, got {matrices}")
     sample = functools.partial(_sample_meta, batch=batch, matrices=matrices, d=d, n=n, s=s,
-                               support=support)
+                               support=support, noise_std=noise_std)
 
   def init_fn(key):
     return init(method, key, num_layers=num_layers, d=d, n=n, X=X_fixed, support=support, lam=lam)
@@ -412,6 +438,7 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
 def per_layer_prediction_error(betas, task) -> np.ndarray:
   """(K,) mean over tasks of (y_query - x_query^T beta^(k+1))^2, for betas (B, K, d)."""
   B, K, d = _checks.check_ndim("betas", betas, 3, "(B, K, d) per-layer iterates")
+  tasks_lib.check_task(task)
   if _checks.shape_of("task.x_query", task.x_query) != (B, d):
     raise ValueError(f"task.x_query: expected shape ({B}, {d}) to match betas {(B, K, d)}, "
                      f"got {_checks.shape_of('task.x_query', task.x_query)}")
@@ -432,7 +459,7 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   each layer, "beta_nmse_db": 10 log10 of sum ||beta_hat - beta||^2 / sum ||beta||^2}.
   """
   _check_method(method)
-  B, n, d = _checks.check_ndim("task.X", task.X, 3, "(B, n, d)")
+  B, n, d = tasks_lib.check_task(task)
   if method != "lista_vm_ss" and support is not None:
     raise ValueError(f"support: only 'lista_vm_ss' takes a support prior, got support={support!r}")
   _check_params(method, params, n, d)

@@ -1,6 +1,7 @@
 """Metrics of paper section 6: label prediction error, beta NMSE, per-prompt-length curves."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Iterable
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2o_jax import _checks
-from l2o_jax.tasks import Task
+from l2o_jax.tasks import Task, check_task
 
 
 def prediction_error(y_query, x_query, beta_hat):
@@ -29,6 +30,7 @@ def median_error(errors):
   """Median over tasks of per-task squared errors (B,); a NaN (an overflowed prediction) counts
   as +inf, the worst error, instead of poisoning the median. Robust to a few exploding tasks,
   whose squared errors dominate the mean."""
+  _checks.check_ndim("errors", errors, 1, "(B,) of per-task squared errors")
   errors = jnp.asarray(errors)
   return jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))
 
@@ -40,12 +42,22 @@ def median_prediction_error(y_query, x_query, beta_hat):
 
 
 def label_error(y_true, y_pred):
-  """Mean squared label error for methods that predict y directly (the Transformers)."""
+  """Mean squared label error for methods that predict y directly (the Transformers); y_true and
+  y_pred must have the same shape (no broadcasting: a (B, 1) prediction against (B,) labels is
+  an error, not a (B, B) mean)."""
+  _same_shape("y_pred", y_pred, "y_true", y_true)
   return jnp.mean((jnp.asarray(y_true) - jnp.asarray(y_pred)) ** 2)
+
+
+def _same_shape(name, a, ref_name, ref):
+  a_shape, ref_shape = _checks.shape_of(name, a), _checks.shape_of(ref_name, ref)
+  if a_shape != ref_shape:
+    raise ValueError(f"{name}: expected the shape of {ref_name}, {ref_shape}, got {a_shape}")
 
 
 def beta_nmse_db(beta_hat, beta):
   """10 log10( sum ||beta_hat - beta||^2 / sum ||beta||^2 ) over the batch, in dB."""
+  _same_shape("beta_hat", beta_hat, "beta", beta)
   return 10.0 * jnp.log10(jnp.sum((beta_hat - beta) ** 2) / jnp.sum(beta ** 2))
 
 
@@ -65,13 +77,13 @@ def per_prompt_length(estimate: Callable, task: Task, lengths: Iterable[int] | N
   Returns:
     {n: mean (y_query - x_query^T beta_hat)^2}.
   """
-  N = task.X.shape[1]
-  lengths = list(range(1, N + 1)) if lengths is None else [int(n) for n in lengths]
+  _, N, _ = check_task(task)
+  lengths = list(range(1, N + 1)) if lengths is None else list(lengths)
   for n in lengths:
-    if not 1 <= n <= N:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= N:
       raise ValueError(f"lengths: expected every n in [1, {N}] (the task's demonstrations), got {n}")
   out = {}
   for n in lengths:
     beta_hat = estimate(task.X[:, :n], task.y[:, :n])
-    out[n] = float(prediction_error(task.y_query, task.x_query, beta_hat))
+    out[int(n)] = float(prediction_error(task.y_query, task.x_query, beta_hat))
   return out

@@ -16,17 +16,28 @@ from l2o_jax import _checks
 def soft_threshold(x, theta):
   """S_theta(x) = sign(x) max(|x| - theta, 0), elementwise (section 4.2).
 
-  `theta` is a scalar or broadcasts against x; it must be >= 0. Written as x - clip(x, -theta,
-  theta) so the gradient w.r.t. theta is defined everywhere (useful when theta is learned).
+  `theta` is a scalar or broadcasts to x's shape; it must be >= 0. Integer x is computed in float
+  (S_0.5(3) = 2.5). Written as x - clip(x, -theta, theta) so the gradient w.r.t. theta is defined
+  everywhere (useful when theta is learned).
   """
   _checks.check_nonnegative("theta", theta)
   x = jnp.asarray(x)
+  x_shape, t_shape = x.shape, _checks.shape_of("theta", theta)
+  try:
+    ok = jnp.broadcast_shapes(t_shape, x_shape) == x_shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"theta: expected a scalar or a shape that broadcasts to x's {x_shape}, got {t_shape}")
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(_checks.float_dtype(x))
   theta = jnp.asarray(theta, x.dtype)
   return x - jnp.clip(x, -theta, theta)
 
 
 def causal_mask(T: int, dtype=jnp.float32) -> jax.Array:
   """mask(.) of Definition 3.1 as a (T, T) matrix: entry (j, i) is 1/i for j <= i (1-indexed)."""
+  T = _checks.check_positive_int("T", T, minimum=0)
   j = jnp.arange(T)[:, None]
   i = jnp.arange(T)[None, :]
   return jnp.where(j <= i, 1.0 / (i + 1.0), 0.0).astype(dtype)

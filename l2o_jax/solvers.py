@@ -25,7 +25,11 @@ from l2o_jax.tasks import support_indices
 
 def lipschitz(X) -> jax.Array:
   """L = lambda_max(X^T X), computed on the smaller Gram matrix (n x n or d x d)."""
-  n, d = X.shape
+  n, d = _checks.check_ndim("X", X, 2, "(n, d) for a single instance; vmap over a batch")
+  X = jnp.asarray(X)
+  X = X.astype(_checks.float_dtype(X))
+  if n == 0 or d == 0:   # no measurements (or no unknowns): X^T X = 0
+    return jnp.asarray(jnp.finfo(X.dtype).tiny, X.dtype)
   gram = X @ X.T if n <= d else X.T @ X
   L = jnp.linalg.eigvalsh(gram)[-1]
   # An all-zero X has L = 0; any positive step is then exact, so avoid dividing by zero.
@@ -33,21 +37,26 @@ def lipschitz(X) -> jax.Array:
 
 
 def _check(X, y, lam, num_iters=None):
+  """Validates one instance and returns (X, y, lam) in one floating dtype (`_checks.float_dtype`),
+  so integer data and mixed float32 / float64 inputs give one scan-carry type."""
   _checks.check_instance(X, y)
   if _checks.shape_of("lam", lam) != ():
     raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
   _checks.check_nonnegative("lam", lam)
   if num_iters is not None:
     _checks.check_positive_int("num_iters", num_iters)
+  dtype = _checks.float_dtype(X, y)
+  return jnp.asarray(X, dtype), jnp.asarray(y, dtype), jnp.asarray(lam, dtype)
 
 
 def ista(X, y, lam, num_iters: int, *, return_trajectory: bool = False):
   """ISTA: beta^(k+1) = S_{lam/L}(beta^(k) - (1/L) X^T (X beta^(k) - y))  (section 4.2).
 
   Returns beta^(num_iters + 1), shape (d,); with `return_trajectory=True` the iterates
-  beta^(2), ..., beta^(num_iters + 1) as (num_iters, d).
+  beta^(2), ..., beta^(num_iters + 1) as (num_iters, d). Differentiable in X, y and lam (so lam
+  may be traced or vmapped); num_iters is static.
   """
-  _check(X, y, lam, num_iters)
+  X, y, lam = _check(X, y, lam, num_iters)
   return _ista(X, y, lam, num_iters=num_iters, trajectory=return_trajectory)
 
 
@@ -58,7 +67,7 @@ def fista(X, y, lam, num_iters: int, *, return_trajectory: bool = False):
   t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2; z^(k+1) = beta^(k+1) + ((t_k - 1)/t_{k+1})(beta^(k+1) - beta^(k)).
   Same returns as `ista`.
   """
-  _check(X, y, lam, num_iters)
+  X, y, lam = _check(X, y, lam, num_iters)
   return _fista(X, y, lam, num_iters=num_iters, trajectory=return_trajectory)
 
 
@@ -92,8 +101,23 @@ def _fista(X, y, lam, *, num_iters, trajectory):
   return traj if trajectory else beta
 
 
+def _check_beta(X, y, beta, lam):
+  n, d = _checks.check_instance(X, y)
+  b = _checks.shape_of("beta", beta)
+  if b != (d,):
+    raise ValueError(f"beta: expected shape (d,) = ({d},) to match X's {d} columns, got {b}")
+  if _checks.shape_of("lam", lam) != ():
+    raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
+  dtype = _checks.float_dtype(X, y, beta)
+  return jnp.asarray(X, dtype), jnp.asarray(y, dtype), jnp.asarray(beta, dtype), jnp.asarray(lam, dtype)
+
+
 def lasso_objective(X, y, beta, lam):
-  """(1/2)||y - X beta||^2 + lam ||beta||_1."""
+  """(1/2)||y - X beta||^2 + lam ||beta||_1 for one instance: X (n, d), y (n,), beta (d,)."""
+  return _lasso_objective(*_check_beta(X, y, beta, lam))
+
+
+def _lasso_objective(X, y, beta, lam):
   r = y - X @ beta
   return 0.5 * r @ r + lam * jnp.sum(jnp.abs(beta))
 
@@ -103,11 +127,16 @@ def duality_gap(X, y, beta, lam):
   s = min(1, lam / ||X^T r||_inf) (feasible: ||X^T nu||_inf <= lam).
 
   Written as 0.5 (1 - s)^2 ||r||^2 + sum_i (lam |beta_i| - s beta_i [X^T r]_i), which equals
-  P(beta) - D(nu) exactly but avoids cancelling two large objective values.
+  P(beta) - D(nu) exactly but avoids cancelling two large objective values. One instance:
+  X (n, d), y (n,), beta (d,), lam >= 0 a scalar.
   """
+  return _duality_gap(*_check_beta(X, y, beta, lam))
+
+
+def _duality_gap(X, y, beta, lam):
   r = y - X @ beta
   g = X.T @ r
-  gmax = jnp.max(jnp.abs(g))
+  gmax = jnp.max(jnp.abs(g), initial=0.0)   # initial: d = 0 has no entries
   s = jnp.minimum(1.0, lam / jnp.maximum(gmax, jnp.finfo(X.dtype).tiny))
   return 0.5 * (1.0 - s) ** 2 * (r @ r) + jnp.sum(lam * jnp.abs(beta) - s * beta * g)
 
@@ -131,20 +160,22 @@ def lasso(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, check_
   (`with jax.enable_x64():`), which is what the scikit-learn comparison uses.
 
   Returns beta (d,), or a `LassoInfo` with the certificate when `return_info=True`.
-  Vmappable, but a vmapped batch iterates until its slowest instance converges: for large
-  batches use `lasso_batch`, which drops converged instances between rounds.
+  Jittable and vmappable (also over lam; a traced negative lam is never reported converged), but
+  a vmapped batch iterates until its slowest instance converges: for large batches use
+  `lasso_batch`, which drops converged instances between rounds. Not differentiable (reverse
+  mode through `lax.while_loop`); differentiate `fista` with a fixed iteration count instead.
   """
-  _check(X, y, lam)
-  tol = _tol_for(X, tol)
+  X, y, lam = _check(X, y, lam)
+  tol = _tol_for(X.dtype, tol)
   _checks.check_positive_int("max_iters", max_iters)
   _checks.check_positive_int("check_every", check_every)
   info = _lasso(X, y, lam, tol=tol, max_iters=max_iters, check_every=check_every)
   return info if return_info else info.beta
 
 
-def _tol_for(X, tol):
+def _tol_for(dtype, tol):
   if tol is None:
-    tol = 1e-10 if jnp.result_type(X) == jnp.float64 else 1e-5
+    tol = 1e-10 if dtype == jnp.float64 else 1e-5
   if not tol > 0:
     raise ValueError(f"tol: expected a positive float, got {tol}")
   return float(tol)
@@ -152,11 +183,12 @@ def _tol_for(X, tol):
 
 def _lasso_run(X, y, lam, carry, it, gap, limit, threshold, check_every):
   """FISTA-with-restart iterations on one instance from `carry` = (beta, z, t) until the gap
-  meets `threshold` or `it` reaches `limit` (checked every `check_every` iterations)."""
+  meets `threshold` or `it` reaches `limit` (checked every `check_every` iterations; a last block
+  that would pass `limit` stops at it, so at most `limit` iterations run)."""
   L = lipschitz(X)
   Xty = X.T @ y
 
-  def fista_step(carry, _):
+  def fista_step(carry, k):
     beta, z, t = carry
     beta_next = soft_threshold(z - (X.T @ (X @ z) - Xty) / L, lam / L)
     # Gradient restart: drop momentum when it points uphill.
@@ -164,7 +196,8 @@ def _lasso_run(X, y, lam, carry, it, gap, limit, threshold, check_every):
     t = jnp.where(restart, 1.0, t)
     t_next = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
     z = beta_next + ((t - 1.0) / t_next) * (beta_next - beta)
-    return (beta_next, z, t_next), None
+    new = (beta_next, z, t_next)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(k < limit, a, b), new, carry), None
 
   def cond(state):
     _, it, gap = state
@@ -172,15 +205,15 @@ def _lasso_run(X, y, lam, carry, it, gap, limit, threshold, check_every):
 
   def body(state):
     carry, it, _ = state
-    carry, _ = lax.scan(fista_step, carry, length=check_every)
-    return carry, it + check_every, duality_gap(X, y, carry[0], lam)
+    carry, _ = lax.scan(fista_step, carry, it + jnp.arange(check_every, dtype=it.dtype))
+    return carry, jnp.minimum(it + check_every, limit), _duality_gap(X, y, carry[0], lam)
 
   return lax.while_loop(cond, body, (carry, it, gap))
 
 
 def _lasso_start(X, y, lam):
   zero = jnp.zeros(X.shape[1], X.dtype)
-  return (zero, zero, jnp.ones((), X.dtype)), jnp.zeros((), jnp.int32), duality_gap(X, y, zero, lam)
+  return (zero, zero, jnp.ones((), X.dtype)), jnp.zeros((), jnp.int32), _duality_gap(X, y, zero, lam)
 
 
 def _gap_threshold(y, tol):
@@ -192,7 +225,8 @@ def _lasso(X, y, lam, *, tol, max_iters, check_every):
   threshold = _gap_threshold(y, tol)
   carry, it, gap = _lasso_start(X, y, lam)
   (beta, _, _), iters, gap = _lasso_run(X, y, lam, carry, it, gap, max_iters, threshold, check_every)
-  return LassoInfo(beta, gap, iters, gap <= threshold)
+  # lam < 0 is rejected up front when concrete; a traced one leaves a meaningless "gap".
+  return LassoInfo(beta, gap, iters, (gap <= threshold) & (lam >= 0))
 
 
 @functools.partial(jax.jit, static_argnames=("tol",))
@@ -544,7 +578,12 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
   homotopy's FISTA fallback.
 
   Both methods process instances in chunks of `chunk`, sized so a chunk's data stays in cache.
+  A host-driven loop (rounds, compaction), so not jittable: call it on concrete arrays; inside
+  jit or vmap use `lasso`.
   """
+  if not all(_checks.is_concrete(a) for a in (X, y, lam)):
+    raise ValueError("X, y, lam: lasso_batch drives its rounds from the host and needs concrete "
+                     "arrays, got traced values; inside jit / vmap use jax.vmap(lasso)")
   Bshape = _checks.check_ndim("X", X, 3, "(B, n, d): a batch of measurement matrices")
   yshape = _checks.check_ndim("y", y, 2, f"(B, n) = {Bshape[:2]}")
   if yshape != Bshape[:2]:
@@ -552,7 +591,7 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
   if _checks.shape_of("lam", lam) != ():
     raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
   _checks.check_nonnegative("lam", lam)
-  tol = _tol_for(X, tol)
+  tol = _tol_for(_checks.float_dtype(X, y), tol)
   if method not in ("homotopy", "fista"):
     raise ValueError(f"method: expected 'homotopy' or 'fista', got {method!r}")
   if max_steps is None:
@@ -562,13 +601,16 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
   _checks.check_positive_int("check_every", check_every)
   _checks.check_positive_int("first_round", first_round)
   _checks.check_positive_int("chunk", chunk)
-  X = jnp.asarray(X)
-  y = jnp.asarray(y, X.dtype)
-  lam = jnp.asarray(lam, X.dtype)
+  dtype = _checks.float_dtype(X, y)
+  X = jnp.asarray(X, dtype)
+  y = jnp.asarray(y, dtype)
+  lam = jnp.asarray(lam, dtype)
   fista_args = dict(max_iters=max_iters, check_every=check_every, first_round=first_round, chunk=chunk)
   if Bshape[0] == 0:
     z = jnp.zeros((0,), X.dtype)
     return LassoInfo(jnp.zeros((0, Bshape[2]), X.dtype), z, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+  if 0 in Bshape[1:]:   # no measurements or no unknowns: beta = 0 is exact, certified by `lasso`
+    return jax.vmap(lambda X, y: _lasso(X, y, lam, tol=tol, max_iters=max_iters, check_every=check_every))(X, y)
   if method == "fista":
     beta, gap, iters, threshold = _fista_batch(X, y, lam, tol, **fista_args)
   else:
@@ -593,7 +635,8 @@ def best_subset(X, y, s: int, support=None):
   s = _checks.check_positive_int("s", s)
   idx = support_indices(support, d, s)
   subsets = np.array(list(itertools.combinations(idx.tolist(), s)), np.int32)
-  return _best_subset(X, y, jnp.asarray(subsets))
+  dtype = _checks.float_dtype(X, y)
+  return _best_subset(jnp.asarray(X, dtype), jnp.asarray(y, dtype), jnp.asarray(subsets))
 
 
 @jax.jit

@@ -34,11 +34,24 @@ class Task(NamedTuple):
   beta: jax.Array
 
 
+def check_task(task, name: str = "task") -> tuple[int, int, int]:
+  """Validates a batch of tasks (a `Task` with consistent shapes); returns (B, N, d)."""
+  if not isinstance(task, Task):
+    raise ValueError(f"{name}: expected an l2o_jax.Task (e.g. from sample_tasks), got {type(task).__name__}")
+  B, N, d = _checks.check_ndim(f"{name}.X", task.X, 3, "(B, N, d)")
+  want = {"y": (B, N), "x_query": (B, d), "y_query": (B,), "beta": (B, d)}
+  for field, shape in want.items():
+    got = _checks.shape_of(f"{name}.{field}", getattr(task, field))
+    if got != shape:
+      raise ValueError(f"{name}.{field}: expected shape {shape} to match {name}.X {(B, N, d)}, got {got}")
+  return B, N, d
+
+
 def support_indices(support, d: int, s: int) -> np.ndarray:
   """Resolves a support prior (None, int k = first k coordinates, or index array) to indices."""
   if support is None:
-    return np.arange(d)
-  if isinstance(support, numbers.Integral) and not isinstance(support, bool):
+    idx = np.arange(d)
+  elif isinstance(support, numbers.Integral) and not isinstance(support, bool):
     if not 1 <= support <= d:
       raise ValueError(f"support: expected an int k with 1 <= k <= d={d} (the first k coordinates), got {support}")
     idx = np.arange(int(support))
@@ -53,7 +66,8 @@ def support_indices(support, d: int, s: int) -> np.ndarray:
     if np.unique(idx).size != idx.size:
       raise ValueError(f"support: expected distinct indices, got {idx.tolist()}")
   if s > idx.size:
-    raise ValueError(f"s: expected s <= size of the support prior ({idx.size}), got s={s}")
+    where = f"d={d}" if support is None else f"size of the support prior ({idx.size})"
+    raise ValueError(f"s: expected s <= {where}, got s={s}")
   return idx
 
 
@@ -95,6 +109,8 @@ def sample_tasks(key, batch: int, *, d: int = 20, n: int = 10, s: int = 3, suppo
   if s > d:
     raise ValueError(f"s: expected 1 <= s <= d={d}, got s={s}")
   idx = support_indices(support, d, s)
+  if _checks.shape_of("noise_std", noise_std) != ():
+    raise ValueError(f"noise_std: expected a scalar, got shape {_checks.shape_of('noise_std', noise_std)}")
   _checks.check_nonnegative("noise_std", noise_std)
   if x_std is None:
     x_std = jnp.ones((d,), jnp.float32)
@@ -109,8 +125,7 @@ def sample_tasks(key, batch: int, *, d: int = 20, n: int = 10, s: int = 3, suppo
     if x_fixed != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {x_fixed}")
     X = jnp.asarray(X, jnp.float32)
-  if isinstance(key, (int, np.integer)):
-    raise ValueError(f"key: expected a jax.random.key, got the int {key}; use jax.random.key({key})")
+  _checks.check_key("key", key)
   return _sample(key, jnp.asarray(idx), jnp.asarray(noise_std, jnp.float32), x_std, X,
                  batch=batch, d=d, n=n, s=s)
 

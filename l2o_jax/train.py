@@ -12,6 +12,8 @@ Design (see BUILD_NOTES.md):
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -59,8 +61,18 @@ def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Adam with optional global-norm clipping, linear warm-up and cosine decay; b2 is Adam's
   second-moment decay, and weight_decay > 0 makes it AdamW (decoupled decay)."""
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate: expected > 0, got {learning_rate}")
+  if not 0 < learning_rate < math.inf:
+    raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
+  if clip_norm is not None and not 0 <= clip_norm < math.inf:
+    # A negative max norm would flip the gradient's sign (gradient ascent); 0 / None mean off.
+    raise ValueError(f"clip_norm: expected None (off) or a finite number >= 0, got {clip_norm}")
+  if not 0 <= end_lr_factor < math.inf:
+    raise ValueError(f"end_lr_factor: expected a finite number >= 0 (final lr / peak), got {end_lr_factor}")
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+    raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps!r}")
+  if decay_steps is not None and (isinstance(decay_steps, bool) or not isinstance(decay_steps, numbers.Integral)
+                                  or decay_steps < 0):
+    raise ValueError(f"decay_steps: expected None or an integer >= 0, got {decay_steps!r}")
   if not 0 <= b2 < 1:
     raise ValueError(f"b2: expected 0 <= b2 < 1, got {b2}")
   if not weight_decay >= 0:
@@ -244,7 +256,8 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
 
   Args:
     objective, optimizer: as for `train`.
-    num_steps: total number of updates (a resumed run continues up to it).
+    num_steps: total number of updates (a resumed run continues up to it); 0 returns the
+      initial state untrained (e.g. to evaluate an initialisation through the same path).
     seeds: seeds trained together in one program (vmap); state i starts from `init_state(seed_i)`.
     steps_per_call: steps fused per jit call.
     checkpointer: a `checkpoint.Checkpointer` (or None): the latest good checkpoint is restored
@@ -262,7 +275,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   Raises NonFiniteLossError naming the first bad step and the last good checkpoint, which is
   left untouched (the state of the failing chunk is never saved).
   """
-  num_steps = _checks.check_positive_int("num_steps", num_steps)
+  num_steps = _checks.check_positive_int("num_steps", num_steps, minimum=0)
   steps_per_call = _checks.check_positive_int("steps_per_call", steps_per_call)
   for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
     if value is not None:
@@ -320,13 +333,15 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       first_chunk_end = (now, step)
     if log_fn and (now - last_log >= log_every_s or step == num_steps or stop):
       last_log = now
-      t_ref, s_ref = first_chunk_end if step > first_chunk_end[1] else (t0, done_at_start)
-      rate = (step - s_ref) / max(now - t_ref, 1e-9)
-      eta = (num_steps - step) / max(rate, 1e-9)
       loss_now = float(np.mean(finite_mean(losses[-1])))   # over the chunk, skipped steps left out
-      log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  "
-             f"{rate * instances_per_step * len(seeds):,.0f} instances/s  "
-             f"{rate:,.1f} steps/s  eta {_fmt_seconds(eta)}"
+      if step > first_chunk_end[1]:
+        t_ref, s_ref = first_chunk_end
+        rate = (step - s_ref) / max(now - t_ref, 1e-9)
+        speed = (f"{rate * instances_per_step * len(seeds):,.0f} instances/s  {rate:,.1f} steps/s  "
+                 f"eta {_fmt_seconds((num_steps - step) / max(rate, 1e-9))}")
+      else:   # only the first chunk so far: its time is mostly compilation, no rate to project
+        speed = f"first chunk incl. compilation {_fmt_seconds(now - t0)}"
+      log_fn(f"step {step}/{num_steps}  loss {loss_now:.4g}  {speed}"
              + (f"  skipped non-finite steps: {skipped}" if skipped else ""))
     if stop:
       if log_fn:

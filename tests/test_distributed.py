@@ -214,6 +214,18 @@ def test_micro_benchmark_flat_all_reduce_matches_the_default():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_batch_specs_split_instance_leaves_only():
+  # A leaf shared by all instances (here a (4, 3) matrix, with a leading size that divides by the
+  # device count) stays replicated; the instance leaves (leading size B = 16) are split.
+  P = jax.sharding.PartitionSpec
+  batch = (OBJ.sample(jax.random.key(1)), jnp.ones((4, 3)), jnp.ones(()))
+  task_specs, shared, scalar = distributed._batch_specs(batch, 2)
+  assert all(spec == P("data") for spec in task_specs)
+  assert shared == P() and scalar == P()
+  with pytest.raises(ValueError, match=r"instance count .*16.* multiple of the number of devices \(3\)"):
+    distributed._batch_specs(batch, 3)
+
+
 def test_auto_cpu_devices_divides_the_batches(monkeypatch):
   monkeypatch.setattr(distributed, "usable_cores", lambda: 6)
   assert distributed.auto_cpu_devices() == 6

@@ -35,6 +35,14 @@ STEPS, SPC = 40, 5
     ({"cpu_devices": -1}, r"cpu_devices: expected an integer >= 0, got -1"),
     ({"matmul_precision": "tf16"}, r"matmul_precision: expected one of float32, default, got 'tf16'"),
     ({"tf.small_tf_score_clip": -1.0}, r"tf.small_tf_score_clip: expected 0 \(off\) or a cap > 0, got -1.0"),
+    ({"lista_train.clip_norm": -1.0}, r"lista_train.clip_norm: expected a finite number >= 0, got -1.0"),
+    ({"tf_train.end_lr_factor": -1.0}, r"tf_train.end_lr_factor: expected a finite number >= 0, got -1.0"),
+    ({"tf_train.learning_rate": float("inf")}, r"tf_train.learning_rate: expected a finite number > 0, got inf"),
+    ({"lista_train.method_learning_rates": "lista_vm=inf"}, r"method_learning_rates: .* a finite LR > 0, got 'lista_vm=inf'"),
+    ({"eval.classical_lams": "0.1,abc"}, r"eval.classical_lams: expected comma-separated numbers >= 0, got '0.1,abc'"),
+    ({"eval.classical_lams": "0.1,-1"}, r"eval.classical_lams: expected a finite number >= 0, got -1.0"),
+    ({"eval.lam": -1.0}, r"eval.lam: expected a finite number >= 0, got -1.0"),
+    ({"lista.lam": -1.0}, r"lista.lam: expected a finite number >= 0, got -1.0"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -56,6 +64,26 @@ def test_cpu_device_count(monkeypatch):
   assert runner.cpu_device_count(c) == 5           # an explicit count wins (validate checks batches)
   c.cpu_devices = 1
   assert runner.cpu_device_count(c) == 1
+
+
+def test_resume_keeps_the_device_count(tmp_path, monkeypatch):
+  # A started job records its device count; auto (cpu_devices = 0) reuses it while the job is
+  # unfinished, and a resume on another count is refused (its float trajectory would differ).
+  from l2o_jax import distributed
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 2)
+  c = quick.get_config()
+  job = tmp_path / "lista_vm"
+  job.mkdir()
+  runner.check_job_devices(str(job), has_checkpoint=False)
+  assert json.load(open(job / runner.DEVICES_FILE)) == {"devices": jax.device_count(),
+                                                        "platform": jax.default_backend()}
+  runner.check_job_devices(str(job), has_checkpoint=True)    # same count: resumes
+  writers.write_json(str(job / runner.DEVICES_FILE), {"devices": 3, "platform": "cpu"})
+  assert runner.cpu_device_count(c, str(tmp_path)) == 3       # auto follows the unfinished job
+  with pytest.raises(runner.ConfigError, match=r"trained on 3 cpu device\(s\).*--config.cpu_devices=3"):
+    runner.check_job_devices(str(job), has_checkpoint=True)
+  writers.write_json(str(job / "results.json"), {})            # finished: auto is free again
+  assert runner.cpu_device_count(c, str(tmp_path)) == 2
 
 
 def test_multihost_fields():
@@ -137,6 +165,10 @@ def test_main_stops_on_missing_workdir_and_bad_config(child_env):
   assert bad.returncode != 0
   assert "tf.loss_on: unknown name 'both'; allowed: query, all" in bad.stderr
   assert not os.path.exists("/nonexistent/never-created")
+  typo = subprocess.run(base + ["--workdir=/nonexistent/never-created", "--config.lista_train.stpes=20"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert typo.returncode != 0 and "Traceback" not in typo.stderr
+  assert "config error: no such config field: 'stpes'" in typo.stderr and "--config.lista_train.stpes" in typo.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +245,7 @@ def tiny_config():
 
 def test_tiny_run_writes_every_output_and_report(tmp_path):
   c = tiny_config()
+  c.layers.ks, c.layers.steps = "1", 0    # for the second launch below (layers study, untrained)
   logs = []
   out = runner.run(c, str(tmp_path), log=logs.append)
   job = tmp_path / "lista_vm"
@@ -257,6 +290,23 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   text = open(md).read()
   assert "Figure 3" in text and f"{metrics[-1]['test_pred_error']:.4g}" in text
   assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
+  assert "Unfinished jobs" not in text
+  # Another study launched into the same workdir: results.json and the report keep both, and
+  # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
+  c.lista.lam = 0.1
+  c.studies = "layers"
+  out = runner.run(c, str(tmp_path), log=logs.append)
+  assert json.load(open(tmp_path / "results.json"))["studies"] == ["fig3", "layers"]
+  (name, layer_job), = [(k, v) for k, v in out["jobs"].items() if k != "lista_vm"]
+  assert layer_job["steps"] == 0 and layer_job["curve"] == [] and np.isfinite(layer_job["pred_error"]["mean"])
+  assert checkpoint.Checkpointer(tmp_path / name / "checkpoints").steps() == []
+  # A job that started but has no results (interrupted, stopped) is listed by the report.
+  (tmp_path / "ghost" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "ghost" / "metrics.jsonl").write_text(json.dumps({"step": 30, "train_loss": 0.5}) + "\n")
+  figures, md = report.report([str(tmp_path)])
+  assert {"fig3.png", "layers.png"} <= {os.path.basename(f) for f in figures}
+  text = open(md).read()
+  assert "### Unfinished jobs" in text and "| ghost | 30 | 0.5 | - |" in text
 
 
 def test_prompt_lengths_beyond_training_n_per_model():

@@ -1,5 +1,7 @@
 """Tests for l2o_jax.lista: ISTA equivalence of the initialisations, eq. (4.4) against a numpy
 loop, the support constraint of LISTA-VM-SS, ALISTA's constraint, one training step, errors."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,12 +141,12 @@ def test_alista_apply_matches_formula(task):
   np.testing.assert_allclose(lista.apply("alista", params, X, y), beta, rtol=1e-4, atol=1e-5)
 
 
-def _objective(method, protocol, batch=64):
+def _objective(method, protocol, batch=64, noise_std=0.0):
   X_fixed = np.random.default_rng(4).normal(size=(N, D)).astype(np.float32) if protocol == "fixed" else None
   kw = {"X_fixed": X_fixed} if protocol == "fixed" else {"matrices_per_batch": 8}
   support = 6 if method == "lista_vm_ss" else None
   return lista.make_objective(method, protocol=protocol, d=D, n=N, s=2, num_layers=K, batch=batch,
-                              support=support, **kw)
+                              support=support, noise_std=noise_std, **kw)
 
 
 @pytest.mark.parametrize("method,protocol", [("lista", "fixed"), ("lista_cp", "meta"), ("alista", "fixed"),
@@ -184,6 +186,20 @@ def test_meta_sampler_shares_matrices_in_groups():
   assert not np.allclose(X[7], X[8])
   np.testing.assert_allclose(b.y, np.einsum("bnd,bd->bn", X, b.beta), rtol=1e-5, atol=1e-5)
   assert np.all((np.asarray(b.beta) != 0).sum(1) == 2)
+
+
+@pytest.mark.parametrize("protocol", ["fixed", "meta"])
+def test_training_labels_carry_noise_std(protocol):
+  key = jax.random.key(5)
+  clean = _objective("lista_cp", protocol, batch=640).sample(key)
+  noisy = _objective("lista_cp", protocol, batch=640, noise_std=0.5).sample(key)
+  np.testing.assert_array_equal(noisy.X, clean.X)     # same matrices and vectors; only y moves
+  np.testing.assert_array_equal(noisy.beta, clean.beta)
+  residual = np.asarray(noisy.y - np.einsum("bnd,bd->bn", noisy.X, noisy.beta))
+  assert abs(residual.std() - 0.5) < 0.05, residual.std()   # 3,200 draws of N(0, 0.25)
+  np.testing.assert_allclose(clean.y, np.einsum("bnd,bd->bn", clean.X, clean.beta), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="noise_std"):
+    _objective("lista_cp", protocol, noise_std=-1.0)
 
 
 def test_evaluate_matches_metrics(task):
@@ -234,3 +250,31 @@ def test_bad_inputs_raise(task):
     lista.lista_vm_init(None, 0, D)
   with pytest.raises(ValueError, match="betas"):
     lista.per_layer_prediction_error(np.zeros((6, D)), task)
+  with pytest.raises(ValueError, match=r"params\['M'\]: expected shape .*the length of params\['theta'\]"):
+    lista.lista_vm({"M": p["M"], "theta": p["theta"][:2]}, X, y)
+  with pytest.raises(ValueError, match=r"X: expected shape \(n, d\) = \(3, 8\)"):
+    lista.lista_vm_init(None, K, D, n=3, X=np.ones((N, D)))           # n contradicts X
+  with pytest.raises(ValueError, match="X: expected finite entries"):
+    lista.lista_vm_init(None, K, D, X=np.full((N, D), np.nan))
+  with pytest.raises(ValueError, match="key: expected a jax.random.key, got the int 1"):
+    lista.init("lista", 1, num_layers=K, d=D, n=N)
+  with pytest.raises(ValueError, match="key_or_none: expected a jax.random.key"):
+    lista.lista_vm_init(1, K, D)
+  with pytest.raises(ValueError, match="task: expected an l2o_jax.Task"):
+    lista.evaluate("lista_vm", p, tuple(task))
+
+
+def test_integer_and_float64_inputs():
+  # Integer data runs in float32 (the params' type); float64 numpy input with x64 off is taken
+  # as float32 without a warning; with x64 on, float64 data lifts the loop to float64.
+  p = lista.lista_vm_init(None, K, D)
+  assert lista.lista_vm_init(None, K, D, X=np.ones((3, D)))["M"].shape == (K, D, D)   # n from X
+  rng = np.random.default_rng(0)
+  Xi, yi = rng.integers(-2, 3, (N, D)), rng.integers(-2, 3, N)
+  got = lista.lista_vm(p, Xi, yi)
+  np.testing.assert_allclose(got, lista.lista_vm(p, Xi.astype(np.float32), yi.astype(np.float32)), rtol=1e-6)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert lista.apply("lista_vm", p, Xi.astype(np.float64), yi.astype(np.float64)).dtype == jnp.float32
+  with jax.enable_x64():
+    assert lista.lista_vm(p, Xi.astype(np.float64), yi.astype(np.float32)).dtype == jnp.float64

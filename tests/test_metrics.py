@@ -35,6 +35,23 @@ def test_per_prompt_length_uses_first_n():
   assert curve[6] < curve[1]
   with pytest.raises(ValueError, match="lengths"):
     L.per_prompt_length(est, t, lengths=[0])
+  with pytest.raises(ValueError, match="lengths"):
+    L.per_prompt_length(est, t, lengths=[2.7])          # not silently n = 2
+  with pytest.raises(ValueError, match="task: expected an l2o_jax.Task"):
+    L.per_prompt_length(est, tuple(t), lengths=[1])
+  with pytest.raises(ValueError, match=r"task.y_query: expected shape \(256,\)"):
+    L.per_prompt_length(est, t._replace(y_query=t.y_query[:5]), lengths=[1])
+
+
+def test_label_error_and_nmse_do_not_broadcast():
+  y = jnp.array([1.0, 2.0, 3.0])
+  assert float(L.label_error(y, y)) == 0.0
+  with pytest.raises(ValueError, match=r"y_pred: expected the shape of y_true, \(3,\), got \(3, 1\)"):
+    L.label_error(y, y[:, None])                          # would be a (3, 3) mean, 1.33
+  with pytest.raises(ValueError, match="beta_hat: expected the shape of beta"):
+    L.beta_nmse_db(np.ones((4, 1)), np.ones(4))
+  with pytest.raises(ValueError, match=r"errors: expected a 1-D array"):
+    L.median_error(np.ones((2, 3)))
 
 
 def test_median_errors_count_nan_as_worst():

@@ -19,6 +19,11 @@ def test_soft_threshold_elementwise():
   np.testing.assert_allclose(L.soft_threshold(x, th), ref, atol=1e-6)
 
 
+def test_soft_threshold_of_integers_is_float():
+  assert float(L.soft_threshold(3, 0.5)) == 2.5
+  np.testing.assert_array_equal(L.soft_threshold(jnp.array([-2, 0, 3]), 1.5), [-0.5, 0.0, 1.5])
+
+
 def test_soft_threshold_negative_theta():
   with pytest.raises(ValueError, match="theta: expected values >= 0"):
     L.soft_threshold(np.ones(3), -0.1)
@@ -89,6 +94,10 @@ def test_relu_mlp_matches_loop():
     (lambda: L.masked_relu_attention(np.ones((4, 3)), {"Q": np.ones((1, 4, 4))}), "heads: expected keys"),
     (lambda: L.relu_mlp(np.ones((4, 3)), np.ones((8, 5)), np.ones((4, 8)), np.ones(8)), "W1: expected shape"),
     (lambda: L.relu_mlp(np.ones((4, 3)), np.ones((8, 4)), np.ones((4, 8)), np.ones(7)), "b: expected shape"),
+    (lambda: L.soft_threshold(np.ones(3), np.ones(2)), r"theta: expected a scalar or a shape that broadcasts to x's \(3,\)"),
+    (lambda: L.soft_threshold(np.ones(3), np.ones((2, 3))), r"theta: .* got \(2, 3\)"),
+    (lambda: L.causal_mask(-1), "T: expected an integer >= 0"),
+    (lambda: L.causal_mask(2.5), "T: expected an integer >= 0"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):

@@ -127,11 +127,53 @@ def test_best_subset_recovers_noiseless_beta():
     (lambda X, y: L.lasso(X, y, -1.0), "lam"),
     (lambda X, y: L.lasso(X, y, 0.1, tol=0.0), "tol"),
     (lambda X, y: L.lasso(X, y[:, None], 0.1), "y: expected a 1-D array"),
+    (lambda X, y: L.lasso_objective(X, y, np.ones((20, 1)), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
+    (lambda X, y: L.duality_gap(X, y, np.ones(19), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
+    (lambda X, y: L.lipschitz(X[0]), "X: expected a 2-D array"),
+    (lambda X, y: L.best_subset(X[:, :2], y, 3), r"s: expected s <= d=2"),
+    (lambda X, y: jax.jit(lambda X, y: L.lasso_batch(X, y, 0.1))(X[None], y[None]), "needs concrete arrays"),
 ])
 def test_bad_input(instances, call, match):
   X, y = (a[0].astype(np.float32) for a in instances)
   with pytest.raises(ValueError, match=match):
     call(X, y)
+
+
+def test_integer_mixed_and_empty_inputs():
+  # Integer data runs in float32; float32 X with float64 y (x64 on) runs in float64; no
+  # measurements (n = 0) or no unknowns (d = 0) give the exact beta = 0, certified.
+  rng = np.random.default_rng(0)
+  Xi, yi = rng.integers(-3, 4, (4, 6)), rng.integers(-3, 4, 4)
+  for solver in (lambda X, y: L.ista(X, y, 0.1, 5), lambda X, y: L.fista(X, y, 0.1, 5),
+                 lambda X, y: L.lasso(X, y, 0.1)):
+    got = solver(Xi, yi)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, solver(Xi.astype(np.float32), yi.astype(np.float32)), rtol=1e-6, atol=1e-7)
+  with jax.enable_x64():
+    got = L.ista(Xi.astype(np.float32), yi.astype(np.float64), 0.1, 5)
+    assert got.dtype == jnp.float64
+  for X, y in ((np.zeros((0, 3), np.float32), np.zeros(0, np.float32)),
+               (np.zeros((4, 0), np.float32), np.ones(4, np.float32))):
+    for beta in (L.ista(X, y, 0.1, 3), L.fista(X, y, 0.1, 3)):
+      assert beta.shape == (X.shape[1],) and not np.any(beta)
+    info = L.lasso(X, y, 0.1, return_info=True)
+    assert info.beta.shape == (X.shape[1],) and bool(info.converged)
+    batch = L.lasso_batch(X[None], y[None], 0.1)
+    assert batch.beta.shape == (1, X.shape[1]) and bool(batch.converged[0])
+
+
+def test_lasso_respects_max_iters_and_traced_lam(instances):
+  X, y = (a[0].astype(np.float32) for a in instances)
+  for max_iters, check_every in ((15, 10), (5, 10), (20, 10)):
+    info = L.lasso(X, y, 1e-4, tol=1e-12, max_iters=max_iters, check_every=check_every, return_info=True)
+    assert int(info.num_iters) == max_iters and not bool(info.converged)
+  # Stopping after 15 iterations equals 15 FISTA-with-restart iterations run in blocks of 5.
+  a = L.lasso(X, y, 1e-4, tol=1e-12, max_iters=15, check_every=10)
+  b = L.lasso(X, y, 1e-4, tol=1e-12, max_iters=15, check_every=5)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # lam vmapped: a negative one (unchecked while traced) is never reported as certified.
+  info = jax.vmap(lambda lam: L.lasso(X, y, lam, return_info=True))(jnp.array([-0.1, 0.1]))
+  assert info.converged.tolist() == [False, True]
 
 
 def test_lasso_batch_equals_vmapped_lasso():

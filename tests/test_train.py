@@ -45,9 +45,15 @@ def test_make_optimizer_b2_and_weight_decay():
     np.testing.assert_allclose(u_got["w"], u_want["w"], rtol=1e-6)
     last[b2] = np.asarray(u_got["w"])
   assert np.abs(last[0.95] - last[0.999]).max() > 1e-5   # 1.3e-4 here, far above float32 rounding
-  for kw, match in (({"b2": 1.0}, "b2"), ({"weight_decay": -1.0}, "weight_decay")):
+  for kw, match in (({"b2": 1.0}, "b2"), ({"weight_decay": -1.0}, "weight_decay"),
+                    ({"clip_norm": -1.0}, "clip_norm"),            # would flip the update's sign
+                    ({"end_lr_factor": -0.5}, "end_lr_factor"), ({"warmup_steps": -1}, "warmup_steps"),
+                    ({"decay_steps": 2.5}, "decay_steps")):
     with pytest.raises(ValueError, match=match):
       T.make_optimizer(0.1, **kw)
+  for lr in (0.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="learning_rate: expected a finite number > 0"):
+      T.make_optimizer(lr)
 
 
 def test_train_stops_on_non_finite_loss():

@@ -218,6 +218,15 @@ def test_gpt2_dispatch(task):
     (lambda p: make_objective("gpt2", score_clip=10.0), "only Small TF"),
     (lambda p: small_tf_from_construction({"M": jnp.zeros((1, d, d)), "theta": jnp.zeros(1)}, 1.0,
                                           readout="linear"), "readout"),
+    (lambda p: small_tf_from_construction({"M": jnp.zeros((1, d, d)), "theta": jnp.zeros(1)}, float("inf")),
+     "bound: expected a finite B > 0"),                                   # inf * 0 = NaN tokens
+    (lambda p: small_tf_predict({"body": p["body"], "w": jnp.zeros(D)}, jnp.zeros((3, d)), jnp.zeros(3),
+                                jnp.zeros(d)), r"params: unexpected keys \['w'\]"),   # not query-dagger
+    (lambda p: small_tf_init(0, d=d), r"key: expected a jax.random.key, got the int 0"),
+    (lambda p: small_tf_init(jax.random.key(0), d=d, qk_scale=np.ones(2)), "qk_scale"),
+    (lambda p: make_objective("small_tf", num_layer=2), "model_kwargs: .*num_layer"),   # misspelt
+    (lambda p: make_objective("gpt2", width=30, num_heads=8), "width: expected a multiple of num_heads"),
+    (lambda p: x_tilde(jnp.zeros((3, d)), jnp.zeros(d + 1)), r"x_query: expected shape \(4,\)"),
 ])
 def test_bad_inputs_raise(tf_params, call, match):
   with pytest.raises(ValueError, match=match):

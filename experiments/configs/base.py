@@ -53,8 +53,9 @@ def base() -> ml_collections.ConfigDict:
   c.lista_train = ml_collections.ConfigDict()
   c.lista_train.steps = 34000     # 340 epochs x 100 steps of 500: 340 epochs of 50,000 instances (paper)
   c.lista_train.batch = 500       # instances per step
-  c.lista_train.matrices_per_batch = 100  # meta protocol: 100 X's x 5 vectors per step (100 X's per epoch, as
-                                          # the paper; 1-2 X's per step gave spiky, heavy-tailed LISTA-VM runs)
+  c.lista_train.matrices_per_batch = 100  # meta protocol: 100 X's x 5 vectors per step, i.e. 10,000 X's per
+                                          # epoch (the paper: 100 X's x 500 per epoch; 1-2 X's per step gave
+                                          # spiky, heavy-tailed LISTA-VM runs, BUILD_NOTES)
   c.lista_train.steps_per_epoch = 100   # 100 x 500 = 50,000 instances per epoch; test error logged every epoch
   c.lista_train.learning_rate = 1e-3    # Adam peak learning rate (LISTA, LISTA-CP)
   c.lista_train.method_learning_rates = "alista=1e-2,lista_vm=1e-2,lista_vm_ss=1e-2"  # per-method overrides

@@ -74,8 +74,9 @@ def construct_lista_vm_transformer(lista_vm_params, bound, *, support=None) -> d
   K, d = _check_lista_vm_params(lista_vm_params)
   if _checks.shape_of("bound", bound) != ():
     raise ValueError(f"bound: expected a positive scalar B, got shape {_checks.shape_of('bound', bound)}")
-  if _checks.is_concrete(bound) and not float(bound) > 0:
-    raise ValueError(f"bound: expected B > 0 (it silences the x-only keys), got {float(bound)}")
+  if _checks.is_concrete(bound) and not 0 < float(bound) < float("inf"):
+    # B multiplies the indicator products; an infinite B gives inf * 0 = NaN in every token.
+    raise ValueError(f"bound: expected a finite B > 0 (it silences the x-only keys), got {float(bound)}")
   P = np.diag(support_mask(support, d)) if support is not None else np.eye(d, dtype=np.float32)
   return _construct(jnp.asarray(lista_vm_params["M"]), jnp.asarray(lista_vm_params["theta"]),
                     jnp.asarray(bound), jnp.asarray(P))

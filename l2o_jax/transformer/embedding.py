@@ -13,6 +13,8 @@ iterate (Theorem 4.1).
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -90,6 +92,6 @@ def beta_slot(H, n=None) -> jax.Array:
   rows = jnp.asarray(H)[..., beta_rows(d), :]
   if n is None:
     return jnp.swapaxes(rows[..., 0::2], -1, -2)
-  if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= N:
+  if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= N:
     raise ValueError(f"n: expected an int in [0, {N}] (demonstrations seen by token 2n+1), got {n!r}")
   return rows[..., 2 * n]

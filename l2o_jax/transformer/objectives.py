@@ -15,7 +15,7 @@ import numpy as np
 
 from l2o_jax import _checks
 from l2o_jax.metrics import median_error
-from l2o_jax.tasks import Task, sample_tasks
+from l2o_jax.tasks import Task, check_task, sample_tasks
 from l2o_jax.train import Objective
 from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
 from l2o_jax.transformer.small_tf import _predict_batch as _small_tf_predict_batch
@@ -106,10 +106,19 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
       raise ValueError(f"readout: expected one of {READOUTS}, got {readout!r}")
     model_kwargs["readout"] = readout
   batch = _checks.check_positive_int("batch", batch)
-  sample_tasks(jax.random.key(0), 1, d=d, n=n, s=s, support=support, noise_std=noise_std)  # validate now
 
   def init(key):
     return init_params(model, key, d=d, n=n, **dict(model_kwargs))
+
+  # Validate the task distribution and the model's settings now (a misspelt or impossible
+  # model_kwargs would otherwise surface at the first init): eval_shape runs every Python check
+  # while tracing, without compiling or computing anything.
+  jax.eval_shape(lambda k: sample_tasks(k, 1, d=d, n=n, s=s, support=support, noise_std=noise_std),
+                 jax.random.key(0))
+  try:
+    jax.eval_shape(init, jax.random.key(0))
+  except TypeError as e:   # an unknown keyword
+    raise ValueError(f"model_kwargs: not accepted by the {model!r} initialiser: {e}") from None
 
   def sample(key):
     return sample_tasks(key, batch, d=d, n=n, s=s, support=support, noise_std=noise_std)
@@ -164,9 +173,7 @@ def evaluate(model: str, params, task: Task, *, score_clip=None) -> dict:
   """
   _check_model(model)
   score_clip = _check_score_clip(model, score_clip)
-  if not isinstance(task, Task):
-    raise ValueError(f"task: expected an l2o_jax.Task, got {type(task).__name__}")
-  B, N, d = _checks.check_ndim("task.X", task.X, 3, "(B, N, d)")
+  B, N, d = check_task(task)
   if N < 1:
     raise ValueError(f"task.X: expected at least one demonstration, got shape {(B, N, d)}")
   # Argument checks, outside jit; eval_shape runs them at trace time without computing anything.

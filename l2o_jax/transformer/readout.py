@@ -32,8 +32,12 @@ def _check_X_tilde(X_tilde, N: int, d: int) -> None:
 
 
 def x_tilde(X, x_query) -> jax.Array:
-  """X_tilde = [X; x_{N+1}^T], (N+1, d) (Definition 4.2)."""
-  return jnp.concatenate([X, x_query[None]], axis=0)
+  """X_tilde = [X; x_{N+1}^T], (N+1, d) (Definition 4.2).  X: (N, d); x_query: (d,)."""
+  _, d = _checks.check_ndim("X", X, 2, "(N, d) demonstrations as rows")
+  if _checks.shape_of("x_query", x_query) != (d,):
+    raise ValueError(f"x_query: expected shape ({d},) to match X's {d} columns, got "
+                     f"{_checks.shape_of('x_query', x_query)}")
+  return jnp.concatenate([X, jnp.asarray(x_query)[None]], axis=0)
 
 
 def linear_readout(v, H_out) -> jax.Array:

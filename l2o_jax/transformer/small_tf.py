@@ -14,6 +14,7 @@ The read-out kind is read off the pytree's structure, so it is static under jit.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,10 @@ def readout_kind(params) -> str:
                      f"got {type(params).__name__}{' with keys ' + str(sorted(params)) if isinstance(params, dict) else ''}")
   if "v" in params and "V" in params:
     raise ValueError("params: expected at most one read-out ('v' linear or 'V' query), got both")
+  unknown = set(params) - {"body", "v", "V"}
+  if unknown:
+    raise ValueError(f"params: unexpected keys {sorted(unknown)}; Small TF params are {{'body', and 'v' "
+                     "(linear read-out) | 'V' (query read-out) | neither (query-dagger)}")
   return "linear" if "v" in params else "query" if "V" in params else "query_dagger"
 
 
@@ -243,8 +248,9 @@ def small_tf_init(key, *, d: int = 20, num_layers: int = 12, num_heads: int = 4,
   Dh = 4 * D if mlp_hidden is None else _checks.check_positive_int("mlp_hidden", mlp_hidden)
   _check_readout(readout)
   for name, s in (("qk_scale", qk_scale), ("out_scale", out_scale)):
-    if not s >= 0:
-      raise ValueError(f"{name}: expected a float >= 0, got {s}")
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < math.inf:
+      raise ValueError(f"{name}: expected a finite float >= 0, got {s!r}")
+  _checks.check_key("key", key)
   kq, kk, kv, k1, k2, kr = jax.random.split(key, 6)
   normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)
   body = {
