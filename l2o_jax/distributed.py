@@ -116,9 +116,9 @@ def replicate(tree, mesh: Mesh):
 def shard_batch(batch, mesh: Mesh):
   """Inside jit: constrains each leaf's leading (instance) axis to be split over "data".
 
-  The instance count B is the leading size of the batch's first leaf (a `Task`'s X); leaves
-  with leading size B are split, all others (scalars, shared matrices) stay replicated. So a
-  shared leaf must not have B rows; pass such data through the loss's closure instead.
+  Every non-scalar leaf must lead with the instance axis (same size B, a multiple of the device
+  count; else ValueError); scalars stay replicated. Data shared by all instances belongs in the
+  loss's closure, not the batch.
   """
   return jax.tree_util.tree_map(
       lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)),
@@ -166,8 +166,8 @@ def mean_value_and_grad(loss, params, batch, *, mesh: Mesh):
 
 def per_device(fn, params, batch, *, mesh: Mesh):
   """fn(params, shard) on every device inside `jax.shard_map`: params replicated, the batch's
-  instance leaves split along their leading axis (`shard_batch`'s rule), other leaves
-  replicated. fn must return replicated values (e.g. after a psum)."""
+  leaves split along their leading (instance) axis (`shard_batch`'s rule), scalars replicated.
+  fn must return replicated values (e.g. after a psum)."""
   specs = _batch_specs(batch, mesh.devices.size)
   # check_vma=False: the loss is any user function, traced per device as written; with the
   # varying-axes type check on, ordinary code such as a lax.scan whose carry starts at
@@ -176,16 +176,20 @@ def per_device(fn, params, batch, *, mesh: Mesh):
 
 
 def _batch_specs(batch, size: int):
-  """P("data") for the leaves with the instance count B as leading size, P() for the rest."""
-  leaves = jax.tree_util.tree_leaves(batch)
-  first = np.shape(leaves[0]) if leaves else ()
-  if not first:
-    return jax.tree_util.tree_map(lambda x: P(), batch)
-  B = first[0]
-  if B % size:
-    raise ValueError(f"batch: expected the instance count (leading size of the first leaf, {B}) "
-                     f"to be a multiple of the number of devices ({size})")
-  return jax.tree_util.tree_map(lambda x: P(AXIS) if np.ndim(x) >= 1 and np.shape(x)[0] == B else P(), batch)
+  """P("data") for every batch leaf with a leading (instance) axis, P() for scalars.
+
+  Every non-scalar leaf must lead with the same instance count B (a multiple of the device
+  count): a leaf shared by all instances (a fixed matrix, say) would otherwise be split as if
+  it held instances, silently changing the loss. Such data belongs in the loss's closure."""
+  sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch) if np.ndim(x) >= 1}
+  if len(sizes) > 1:
+    raise ValueError(f"batch: expected every leaf to lead with the same instance count (data "
+                     f"parallelism splits that axis), got leading sizes {sorted(sizes)}; pass data "
+                     "shared by all instances through the loss's closure, not the batch")
+  if sizes and sizes.pop() % size:
+    raise ValueError(f"batch: expected the instance count to be a multiple of the number of devices "
+                     f"({size}), got leading size {np.shape(jax.tree_util.tree_leaves(batch)[0])[0]}")
+  return jax.tree_util.tree_map(lambda x: P(AXIS) if np.ndim(x) >= 1 else P(), batch)
 
 
 def check_batch(batch: int, mesh: Mesh, name: str = "batch") -> None:

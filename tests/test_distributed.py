@@ -215,15 +215,17 @@ def test_micro_benchmark_flat_all_reduce_matches_the_default():
 
 
 def test_batch_specs_split_instance_leaves_only():
-  # A leaf shared by all instances (here a (4, 3) matrix, with a leading size that divides by the
-  # device count) stays replicated; the instance leaves (leading size B = 16) are split.
+  # Instance leaves (leading size B = 16) are split, scalars replicated. A leaf shared by all
+  # instances (here a (4, 3) matrix, whose leading size also divides by the device count) would
+  # be split as if it held instances and silently change the loss: refused.
   P = jax.sharding.PartitionSpec
-  batch = (OBJ.sample(jax.random.key(1)), jnp.ones((4, 3)), jnp.ones(()))
-  task_specs, shared, scalar = distributed._batch_specs(batch, 2)
-  assert all(spec == P("data") for spec in task_specs)
-  assert shared == P() and scalar == P()
-  with pytest.raises(ValueError, match=r"instance count .*16.* multiple of the number of devices \(3\)"):
-    distributed._batch_specs(batch, 3)
+  task = OBJ.sample(jax.random.key(1))
+  task_specs, scalar = distributed._batch_specs((task, jnp.ones(())), 2)
+  assert all(spec == P("data") for spec in task_specs) and scalar == P()
+  with pytest.raises(ValueError, match=r"same instance count .*leading sizes \[4, 16\]"):
+    distributed._batch_specs({"A": jnp.ones((4, 3)), "task": task}, 2)
+  with pytest.raises(ValueError, match=r"multiple of the number of devices \(3\), got leading size 16"):
+    distributed._batch_specs(task, 3)
 
 
 def test_auto_cpu_devices_divides_the_batches(monkeypatch):
