@@ -1,7 +1,7 @@
 """Figures 1a, 1b and 1c at CPU scale: what a 2-core machine can train in about an hour.
 
 The paper trains the 12-layer Small TF and the 12-layer, width-256 GPT-2 for 10^6 steps of 64
-(26 h and 243 h per model on our 2-core CPU; see the README for the GPU commands). This preset
+(about 10 h and 150 h per model on a 2-core CPU at the measured step times, README; see the README for the GPU commands). This preset
 keeps the problem (d = 20, N = 10, S = 3, batch 64, fresh tasks every step) and shrinks the
 models and the step budget, so its numbers show trends, not the paper's values:
   Small TF: 4 blocks (paper 12), 8,000 steps, loss on every prefix, Adam 3e-4;

@@ -1,5 +1,5 @@
 """The default `make run` job: a small version of every figure and the classical table on CPU
-in about ten minutes. Same problem (d = 20, N = 10, S = 3); far fewer steps, smaller models and
+in about 4 minutes on 2 cores (README, "Quick job"). Same problem (d = 20, N = 10, S = 3); far fewer steps, smaller models and
 test sets, so the numbers are indicative only (see the full configs for the paper's presets)."""
 from experiments.configs.base import base
 
