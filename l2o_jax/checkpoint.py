@@ -8,6 +8,9 @@ The only module that imports orbax. Design:
   killed mid-save leaves no half-written step; leftovers are cleaned up on the next start.
 - Typed PRNG keys cannot be serialised: the key is stored as `jax.random.key_data` (uint32) and
   re-wrapped with the template's key implementation on restore.
+- A step whose stored arrays do not match the template (another model, shape, dtype, seed count
+  or optimizer) raises `CheckpointMismatchError` and is left untouched: that is a wrong
+  relaunch, not a damaged file, and moving good checkpoints aside would lose the run.
 - A latest step that fails to restore (truncated or corrupted files) is moved aside to
   `corrupt-<step>-<time>` with a warning and the previous step is tried; it is never deleted
   and never silently overwritten (orbax skips saving a step that already exists, so a corrupt
@@ -27,6 +30,10 @@ import orbax.checkpoint as ocp
 from l2o_jax import _checks
 
 
+class CheckpointMismatchError(ValueError):
+  """The stored state does not have the template's structure, shapes or dtypes."""
+
+
 class Checkpointer:
   """Periodic checkpoints of a TrainState-like NamedTuple (params, opt_state, step, key).
 
@@ -38,6 +45,8 @@ class Checkpointer:
 
   def __init__(self, directory, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise ValueError(f"directory: expected a directory for the checkpoints, got the file {self.directory}")
     self.max_to_keep = _checks.check_positive_int("max_to_keep", max_to_keep)
     self._manager = self._open()
 
@@ -69,7 +78,14 @@ class Checkpointer:
     return step
 
   def restore(self, like, step: int):
-    """Restores step `step` into the structure, shapes, dtypes and shardings of `like`."""
+    """Restores step `step` into the structure, shapes, dtypes and shardings of `like`.
+
+    Raises CheckpointMismatchError (naming the first differing array) when the stored state has
+    another structure, shape or dtype, and ValueError for a step that is not there."""
+    step = int(step)
+    if step not in self._manager.all_steps():
+      raise ValueError(f"step: no checkpoint {step} in {self.directory}; steps there: {self.steps()}")
+    self._check_matches(step, like)
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _to_tree(like))
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     return _from_tree(restored, like)
@@ -85,12 +101,38 @@ class Checkpointer:
         if _state_step(state) != step:
           raise ValueError(f"stored step counter {_state_step(state)} != directory step {step}")
         return state, step
-      except Exception as e:  # any failure to read a step means it is unusable
+      except CheckpointMismatchError:
+        raise   # readable but for another run: the caller's mistake, the files stay where they are
+      except Exception as e:  # any other failure to read a step means it is unusable
         moved = self._quarantine(step)
         warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored "
                       f"({type(e).__name__}: {str(e)[:200]}); moved it to {moved} and falling back "
                       "to the previous checkpoint", RuntimeWarning, stacklevel=2)
     return None
+
+  def _check_matches(self, step: int, like) -> None:
+    try:
+      # Read with a standalone checkpointer: a manager that has not saved in this process does
+      # not know the item's handler and returns no metadata.
+      with ocp.StandardCheckpointer() as reader:
+        meta = reader.metadata(os.path.join(self.directory, str(step), "default"))
+      stored = getattr(meta, "item_metadata", meta).tree
+    except Exception:   # unreadable metadata: the restore itself will fail and say so
+      return
+    stored = jax.tree_util.tree_leaves(stored, is_leaf=lambda x: hasattr(x, "shape"))
+    want = jax.tree_util.tree_flatten_with_path(_to_tree(like))[0]
+    where = f"checkpoint step {step} in {self.directory}"
+    if len(stored) != len(want):
+      raise CheckpointMismatchError(
+          f"{where} holds {len(stored)} arrays, the state to restore into has {len(want)}: another "
+          "model or optimizer (e.g. clipping on/off) than the run that wrote it; use that run's "
+          "settings or another directory")
+    for (path, w), s in zip(want, stored):
+      if tuple(s.shape) != tuple(np.shape(w)) or np.dtype(s.dtype) != np.dtype(w.dtype):
+        raise CheckpointMismatchError(
+            f"{where}: {jax.tree_util.keystr(path)} is stored as {s.dtype}{list(s.shape)}, the state to "
+            f"restore into has {w.dtype}{list(np.shape(w))} (a leading axis is the seed count); use the "
+            "run's own settings or another directory")
 
   def _quarantine(self, step: int) -> str:
     self._manager.close()

@@ -60,7 +60,15 @@ def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0
                    end_lr_factor: float = 1.0, b2: float = 0.999,
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Adam with optional global-norm clipping, linear warm-up and cosine decay; b2 is Adam's
-  second-moment decay, and weight_decay > 0 makes it AdamW (decoupled decay)."""
+  second-moment decay, and weight_decay > 0 makes it AdamW (decoupled decay).
+
+  learning_rate is the peak rate (a number; for a custom schedule build the optax chain
+  directly). end_lr_factor applies only with decay_steps (cosine decay to learning_rate x
+  end_lr_factor); a decay shorter than the warm-up is lengthened to warmup_steps + 1."""
+  for name, value in (("learning_rate", learning_rate), ("end_lr_factor", end_lr_factor), ("b2", b2),
+                      ("weight_decay", weight_decay), ("clip_norm", 0.0 if clip_norm is None else clip_norm)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise ValueError(f"{name}: expected a number, got {value!r}")
   if not 0 < learning_rate < math.inf:
     raise ValueError(f"learning_rate: expected a finite number > 0, got {learning_rate}")
   if clip_norm is not None and not 0 <= clip_norm < math.inf:
@@ -75,8 +83,8 @@ def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0
     raise ValueError(f"decay_steps: expected None or an integer >= 0, got {decay_steps!r}")
   if not 0 <= b2 < 1:
     raise ValueError(f"b2: expected 0 <= b2 < 1, got {b2}")
-  if not weight_decay >= 0:
-    raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
+  if not 0 <= weight_decay < math.inf:
+    raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay}")
   if decay_steps:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0 if warmup_steps else learning_rate, learning_rate, max(warmup_steps, 0),
@@ -95,7 +103,11 @@ def init_state(objective: Objective, optimizer: optax.GradientTransformation, se
   """Parameters from key(seed) folded with 0, data key folded with 1."""
   root = jax.random.key(seed)
   params = objective.init(jax.random.fold_in(root, 0))
-  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.fold_in(root, 1))
+  state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.fold_in(root, 1))
+  # Own buffers for every leaf: the train chunks donate the state, which would otherwise delete
+  # an array that init returned from elsewhere (a module-level constant) or fail on one array
+  # returned in two leaves ("donate the same buffer twice").
+  return jax.tree_util.tree_map(jnp.copy, state)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -184,25 +196,45 @@ def init_states(objective: Objective, optimizer: optax.GradientTransformation, s
   Initialisation runs per seed on the host side (some inits are not traceable, e.g. ones
   that compute a Lipschitz constant as a Python float); training then vmaps over the axis.
   """
+  seeds = check_seeds(seeds)
+  states = [init_state(objective, optimizer, s) for s in seeds]
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def check_seeds(seeds) -> list[int]:
+  """A non-empty sequence of distinct integer seeds, e.g. (0, 1, 2)."""
+  if isinstance(seeds, (str, bytes, numbers.Number)) or not hasattr(seeds, "__iter__"):
+    raise ValueError(f"seeds: expected a sequence of integers such as (0,) or range(3), got {seeds!r}")
+  seeds = list(seeds)
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+      raise ValueError(f"seeds: expected integers, got {s!r} in {seeds}")
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds: expected at least one seed, got an empty list")
   if len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds: expected distinct seeds, got {seeds}")
-  states = [init_state(objective, optimizer, s) for s in seeds]
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+  return seeds
 
 
-@functools.lru_cache(maxsize=64)
 def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransformation,
                            steps_per_call: int, skip_nonfinite: bool = False) -> Callable:
   """Like `make_train_chunk` for a stacked state (leading seed axis S): one compiled program
   that trains every seed (jax.vmap of the scanned steps). metrics are (S, steps_per_call).
 
   Cached on (objective, optimizer, steps_per_call), so repeated `fit` calls with the same
-  objective reuse the compiled program.
+  objective reuse the compiled program (an unhashable objective, e.g. a plain dataclass loss,
+  is built afresh each time instead).
   """
   _checks.check_positive_int("steps_per_call", steps_per_call)
+  try:
+    hash((objective, optimizer))
+  except TypeError:
+    return _seeds_train_chunk(objective, optimizer, steps_per_call, skip_nonfinite)
+  return _cached_seeds_train_chunk(objective, optimizer, steps_per_call, skip_nonfinite)
+
+
+def _seeds_train_chunk(objective, optimizer, steps_per_call, skip_nonfinite):
   step = make_step(objective, optimizer, skip_nonfinite=skip_nonfinite)
 
   def one_seed(state):
@@ -210,6 +242,9 @@ def make_seeds_train_chunk(objective: Objective, optimizer: optax.GradientTransf
     return state, metrics
 
   return jax.jit(jax.vmap(one_seed), donate_argnums=0)
+
+
+_cached_seeds_train_chunk = functools.lru_cache(maxsize=64)(_seeds_train_chunk)
 
 
 def first_nonfinite(metrics, first_step: int) -> tuple[int, int, float] | None:
@@ -251,7 +286,8 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
         on_chunk: Callable[[int, TrainState, dict], None] | None = None,
         eval_every: int | None = None, should_stop: Callable[[], bool] | None = None,
         instances_per_step: int = 0, log_every_s: float = 10.0,
-        log_fn: Callable[[str], None] | None = print, skip_nonfinite: bool = False) -> FitResult:
+        log_fn: Callable[[str], None] | None = print, skip_nonfinite: bool = False,
+        max_skipped_in_a_row: int = 100) -> FitResult:
   """Trains several seeds together, with checkpoints and exact resume.
 
   Args:
@@ -266,21 +302,27 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       restored state takes the placement of this template.
     on_chunk: called as on_chunk(step, state, metrics) at every multiple of `eval_every` (and at
       the end) with the (S, T) metrics of the chunk just run; used for evaluation and logging.
+      The state's buffers are donated to the next chunk, so copy what you keep
+      (`jax.tree_util.tree_map(jnp.copy, state.params)`). It runs before that step's checkpoint
+      is saved, so its log lines are never missing after a resume (an on_chunk that raises
+      leaves the previous checkpoint as the latest).
     should_stop: polled after every chunk; True saves a checkpoint and returns (SIGTERM/SIGINT).
     instances_per_step: training instances per step and seed, for the instances/s progress line.
     skip_nonfinite: skip (do not apply) steps whose loss or gradient is non-finite instead of
-      stopping (`make_step`); the progress line counts them. A chunk in which some seed skipped
-      every step still stops the run, as does a non-finite parameter before a checkpoint.
+      stopping (`make_step`); the progress line counts them. A seed that skips
+      `max_skipped_in_a_row` consecutive steps still stops the run (whatever the chunk grid),
+      as does a non-finite parameter before a checkpoint.
 
   Raises NonFiniteLossError naming the first bad step and the last good checkpoint, which is
   left untouched (the state of the failing chunk is never saved).
   """
   num_steps = _checks.check_positive_int("num_steps", num_steps, minimum=0)
+  max_skipped_in_a_row = _checks.check_positive_int("max_skipped_in_a_row", max_skipped_in_a_row)
   steps_per_call = _checks.check_positive_int("steps_per_call", steps_per_call)
   for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
     if value is not None:
       _checks.check_positive_int(name, value)
-  seeds = list(seeds)
+  seeds = check_seeds(seeds)
   state = init_states(objective, optimizer, seeds)
   if place is not None:
     state = place(state)
@@ -288,6 +330,10 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   if checkpointer is not None:
     restored = checkpointer.restore_latest(state)
     if restored is not None:
+      if not np.array_equal(jax.random.key_data(restored[0].key), jax.random.key_data(state.key)):
+        raise ValueError(f"seeds: the checkpoint at step {restored[1]} in {checkpointer.directory} was "
+                         f"trained with other seeds than {seeds} (its data keys differ); use that "
+                         "run's seeds or another directory")
       state, start = restored
       if log_fn:
         log_fn(f"resumed from checkpoint step {start} in {checkpointer.directory}")
@@ -296,6 +342,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   chunks: dict[int, Callable] = {}
   losses, t0, last_log, done_at_start, first_chunk_end = [], time.time(), 0.0, start, None
   skipped = 0
+  run = np.zeros(len(seeds), np.int64)   # per seed: consecutive skipped steps up to `step`
   step = start
   for end in chunk_boundaries(start, num_steps, steps_per_call, eval_every, checkpoint_every):
     length = end - step
@@ -304,10 +351,15 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     state, metrics = chunks[length](state)
     skipped_now = np.asarray(metrics["skipped"]).reshape(len(seeds), -1)
     skipped += int(skipped_now.sum())
-    if skipped_now.all(axis=1).any():
-      seed_i = int(np.argmax(skipped_now.all(axis=1)))
-      raise NonFiniteLossError(step, f"every step {step}..{end - 1} was non-finite and skipped "
-                               f"(seed {seeds[seed_i]}); stopped; {_last_good(checkpointer)}")
+    for seed_i, row in enumerate(skipped_now):
+      for t, bad in enumerate(row):
+        run[seed_i] = run[seed_i] + 1 if bad else 0
+        if run[seed_i] >= max_skipped_in_a_row:
+          last = step + t
+          raise NonFiniteLossError(
+              last, f"{max_skipped_in_a_row} steps in a row ({last - max_skipped_in_a_row + 1}.."
+              f"{last}) were non-finite and skipped (seed {seeds[seed_i]}); stopped; "
+              f"{_last_good(checkpointer)}")
     bad = first_nonfinite(metrics, step)
     if bad is not None:
       seed_i, bad_step, loss = bad
@@ -347,7 +399,8 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       if log_fn:
         where = f" (checkpoint step {step} saved)" if checkpointer is not None else ""
         log_fn(f"stop requested: exiting at step {step}{where}")
-      return FitResult(state, _cat(losses, len(seeds)), start, True, skipped)
+      # A stop requested during the last chunk still leaves a finished run.
+      return FitResult(state, _cat(losses, len(seeds)), start, step < num_steps, skipped)
   return FitResult(state, _cat(losses, len(seeds)), start, False, skipped)
 
 

@@ -137,6 +137,56 @@ def test_partial_save_leftover_is_ignored(tmp_path, reference):
   assert_bitwise(final.state, reference)
 
 
+def test_relaunch_with_other_settings_is_refused_and_keeps_the_checkpoints(tmp_path):
+  # Another model shape, seed count, optimizer or seed is the caller's mistake, not damage: the
+  # good checkpoints stay where they are (they used to be moved aside as "corrupt", and the run
+  # silently restarted from step 0).
+  run_fit(tmp_path, num_steps=10)
+  wider = train.Objective(lambda k: {"w": jnp.zeros(7), "b": jnp.zeros(())}, OBJ.sample, OBJ.loss)
+  cases = [(dict(objective=wider), r"\['w'\] is stored as float32\[1, 6\], .* float32\[1, 7\]"),
+           (dict(seeds=(0, 1)), r"\['key'\] is stored as uint32\[1, 2\], .* uint32\[2, 2\]"),
+           (dict(optimizer=optax.sgd(1e-2)), "holds 9 arrays, the state to restore into has 4"),
+           (dict(seeds=(7,)), r"seeds: the checkpoint at step 10 .* other seeds than \[7\]")]
+  for kw, match in cases:
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    try:
+      with pytest.raises(ValueError, match=match):
+        train.fit(kw.get("objective", OBJ), kw.get("optimizer", OPT), 20, seeds=kw.get("seeds", (0,)),
+                  steps_per_call=SPC, checkpointer=ckpt, log_fn=None)
+    finally:
+      ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["10"]
+  with pytest.raises(ValueError, match=r"step: no checkpoint 99 .* steps there: \[10\]"):
+    checkpoint.Checkpointer(tmp_path).restore(train.init_states(OBJ, OPT, (0,)), 99)
+  with pytest.raises(ValueError, match="directory: expected a directory"):
+    checkpoint.Checkpointer(tmp_path / "10" / "_CHECKPOINT_METADATA")
+
+
+def test_on_chunk_may_keep_a_copy_and_fit_takes_unhashable_objectives():
+  import dataclasses
+
+  @dataclasses.dataclass
+  class Loss:          # a plain dataclass is unhashable (eq without frozen)
+    scale: float
+
+    def __call__(self, params, batch):
+      return self.scale * OBJ.loss(params, batch)
+
+  kept = []
+  result = train.fit(OBJ._replace(loss=Loss(1.0)), OPT, 10, steps_per_call=SPC, eval_every=SPC, log_fn=None,
+                     on_chunk=lambda step, state, m: kept.append(jax.tree_util.tree_map(jnp.copy, state.params)))
+  assert len(kept) == 2 and not result.interrupted
+  np.testing.assert_array_equal(kept[-1]["w"], result.state.params["w"])
+  assert not np.array_equal(kept[0]["w"], kept[1]["w"])
+  stopped = train.fit(OBJ, OPT, 10, steps_per_call=SPC, should_stop=lambda: True, log_fn=None)
+  assert stopped.interrupted and int(stopped.state.step[0]) == 5
+  done = train.fit(OBJ, OPT, 5, steps_per_call=SPC, should_stop=lambda: True, log_fn=None)
+  assert not done.interrupted        # the stop came with the last chunk: a finished run
+  for bad in (0, "12", (0.5, 1), ()):
+    with pytest.raises(ValueError, match="seeds"):
+      train.fit(OBJ, OPT, 5, seeds=bad, log_fn=None)
+
+
 def test_save_refuses_to_overwrite(tmp_path):
   like = train.init_states(OBJ, OPT, (0,))
   ckpt = checkpoint.Checkpointer(tmp_path)

@@ -80,9 +80,22 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps():
   assert int(result.state.step[0]) == steps
 
 
-def test_skip_nonfinite_still_stops_when_a_whole_chunk_is_bad():
-  with pytest.raises(T.NonFiniteLossError, match=r"every step 0\.\.4 was non-finite and skipped"):
-    T.fit(_spiky_objective(2.0), optax.sgd(0.1), 20, steps_per_call=5, log_fn=None, skip_nonfinite=True)
+def test_skip_nonfinite_stops_after_a_run_of_skips_whatever_the_chunks():
+  with pytest.raises(T.NonFiniteLossError, match=r"3 steps in a row \(0\.\.2\) were non-finite and skipped"):
+    T.fit(_spiky_objective(2.0), optax.sgd(0.1), 20, steps_per_call=5, log_fn=None, skip_nonfinite=True,
+          max_skipped_in_a_row=3)
+  # The longest run of bad steps decides, not where the chunk boundaries fall (a rule on whole
+  # chunks stopped a run with steps_per_call=1 at its first skipped step).
+  objective, steps = _spiky_objective(0.3), 20
+  key = T.init_state(objective, optax.sgd(0.1), 0).key
+  bad = [float(jax.random.uniform(jax.random.fold_in(key, t))) < 0.3 for t in range(steps)]
+  longest = max(len(r) for r in "".join("x" if b else " " for b in bad).split(" "))
+  assert longest >= 1
+  for spc in (1, 4, 20):
+    kw = dict(steps_per_call=spc, log_fn=None, skip_nonfinite=True)
+    assert T.fit(objective, optax.sgd(0.1), steps, max_skipped_in_a_row=longest + 1, **kw).skipped == sum(bad)
+    with pytest.raises(T.NonFiniteLossError, match=f"{longest} steps in a row"):
+      T.fit(objective, optax.sgd(0.1), steps, max_skipped_in_a_row=longest, **kw)
 
 
 def test_finite_mean_leaves_out_skipped_steps():
