@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from l2o_jax import _checks
 from l2o_jax.train import Objective
 
 AXIS = "data"
@@ -60,8 +61,8 @@ def auto_cpu_devices(batches=(), min_per_device: int = 16) -> int:
   all-reduce across many devices."""
   if isinstance(batches, numbers.Number) or not hasattr(batches, "__iter__"):
     raise ValueError(f"batches: expected a sequence of batch sizes such as (64,), got {batches!r}")
-  batches = [_positive("batches", b) for b in batches]
-  min_per_device = _positive("min_per_device", min_per_device)
+  batches = [_checks.check_positive_int("batches", b) for b in batches]
+  min_per_device = _checks.check_positive_int("min_per_device", min_per_device)
   n = usable_cores()
   if batches:
     n = min(n, max(1, min(batches) // min_per_device))
@@ -180,12 +181,6 @@ def per_device(fn, params, batch, *, mesh: Mesh):
   return jax.shard_map(fn, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(params, batch)
 
 
-def _positive(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-  return int(value)
-
-
 def _batch_specs(batch, size: int):
   """P("data") for every batch leaf with a leading (instance) axis, P() for scalars.
 
@@ -206,7 +201,7 @@ def _batch_specs(batch, size: int):
 def check_batch(batch: int, mesh: Mesh, name: str = "batch") -> None:
   """Data parallelism splits the instances evenly: the batch must divide by the device count."""
   size = mesh.devices.size
-  _positive(name, batch)
+  _checks.check_positive_int(name, batch)
   if batch % size:
     raise ValueError(f"{name}: expected a multiple of the number of devices ({size}) for data "
                      f"parallel training, got {batch}")

@@ -76,11 +76,9 @@ def make_optimizer(learning_rate: float = 1e-3, *, clip_norm: float | None = 1.0
     raise ValueError(f"clip_norm: expected None (off) or a finite number >= 0, got {clip_norm}")
   if not 0 <= end_lr_factor < math.inf:
     raise ValueError(f"end_lr_factor: expected a finite number >= 0 (final lr / peak), got {end_lr_factor}")
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
-    raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps!r}")
-  if decay_steps is not None and (isinstance(decay_steps, bool) or not isinstance(decay_steps, numbers.Integral)
-                                  or decay_steps < 0):
-    raise ValueError(f"decay_steps: expected None or an integer >= 0, got {decay_steps!r}")
+  _checks.check_positive_int("warmup_steps", warmup_steps, minimum=0)
+  if decay_steps is not None:
+    _checks.check_positive_int("decay_steps", decay_steps, minimum=0)
   if not 0 <= b2 < 1:
     raise ValueError(f"b2: expected 0 <= b2 < 1, got {b2}")
   if not 0 <= weight_decay < math.inf:
@@ -351,6 +349,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     state, metrics = chunks[length](state)
     skipped_now = np.asarray(metrics["skipped"]).reshape(len(seeds), -1)
     skipped += int(skipped_now.sum())
+    # Host loop over the chunk's (S, T) flags, once per chunk (already on the host for the count).
     for seed_i, row in enumerate(skipped_now):
       for t, bad in enumerate(row):
         run[seed_i] = run[seed_i] + 1 if bad else 0
