@@ -18,7 +18,10 @@ The only module that imports orbax. Design:
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -95,6 +98,10 @@ class Checkpointer:
 
     Steps that fail to restore are moved aside with a warning (see the module docstring).
     """
+    with _quiet_abandoned_reads():
+      return self._restore_latest(like)
+
+  def _restore_latest(self, like):
     for step in reversed(self.steps()):
       try:
         state = self.restore(like, step)
@@ -104,10 +111,11 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise   # readable but for another run: the caller's mistake, the files stay where they are
       except Exception as e:  # any other failure to read a step means it is unusable
-        moved = self._quarantine(step)
-        warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored "
-                      f"({type(e).__name__}: {str(e)[:200]}); moved it to {moved} and falling back "
-                      "to the previous checkpoint", RuntimeWarning, stacklevel=2)
+        failure = f"{type(e).__name__}: {str(e)[:200]}"
+      moved = self._quarantine(step)
+      warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored "
+                    f"({failure}); moved it to {moved} and falling back to the previous checkpoint",
+                    RuntimeWarning, stacklevel=3)
     return None
 
   def _check_matches(self, step: int, like) -> None:
@@ -153,6 +161,38 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """Silences the stray tracebacks of orbax reads abandoned by a failed restore.
+
+  orbax reads a step's arrays as concurrent coroutines on an event loop of its own. When one read
+  fails, the loop is closed with the other reads unfinished: their coroutines print "Exception
+  ignored in <coroutine ...>" when garbage-collected (at a random later time, often at exit), and
+  TensorStore's completion callbacks for them print "RuntimeError: Event loop is closed", each a
+  ~60-line traceback around the one warning that matters. Within this context those two kinds go
+  nowhere (the failed reads are collected before it ends); anything else unraisable still goes
+  to the previous hook.
+  """
+  def abandoned(u) -> bool:
+    code = getattr(u.object, "cr_code", None)
+    if code is not None:
+      return f"{os.sep}orbax{os.sep}" in code.co_filename
+    tb = u.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    return (u.object is None and isinstance(u.exc_value, RuntimeError)
+            and str(u.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py")))
+
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if abandoned(u) else previous(u)
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
 
 
 def _state_step(state) -> int:
