@@ -162,15 +162,48 @@ def lasso(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, check_
   Returns beta (d,), or a `LassoInfo` with the certificate when `return_info=True`.
   Jittable and vmappable (also over lam; a traced negative lam is never reported converged), but
   a vmapped batch iterates until its slowest instance converges: for large batches use
-  `lasso_batch`, which drops converged instances between rounds. Not differentiable (reverse
-  mode through `lax.while_loop`); differentiate `fista` with a fixed iteration count instead.
+  `lasso_batch`, which drops converged instances between rounds.
+
+  Differentiable in X, y and lam (`jax.grad`, `jax.jacfwd`, under vmap) by implicit
+  differentiation of the LASSO optimality conditions at the returned beta, not by unrolling the
+  iterations: on the support S = {j : beta_j != 0},
+      X_S^T (X_S beta_S - y) + lam sign(beta_S) = 0,  beta_{S^c} = 0,
+  so dbeta_S = (X_S^T X_S)^{-1} (dX_S^T r + X_S^T (dy - dX beta) - dlam sign(beta_S)) with
+  r = y - X beta, and dbeta_{S^c} = 0 (`_lasso_solution`). This is the derivative of the exact
+  solution wherever its support and signs are locally constant (almost every (X, y, lam)); it
+  needs X_S of full column rank (unique solutions do) and is accurate to the certificate's tol.
+  The `LassoInfo` certificate fields (gap, num_iters, converged) carry no derivative.
+  `lasso_batch` (a host driver) is not differentiable.
   """
   X, y, lam = _check(X, y, lam)
   tol = _tol_for(X.dtype, tol)
   _checks.check_positive_int("max_iters", max_iters)
   _checks.check_positive_int("check_every", check_every)
-  info = _lasso(X, y, lam, tol=tol, max_iters=max_iters, check_every=check_every)
+  # The iterations see no tangents (they are not differentiated); beta's derivative comes from
+  # the optimality conditions at their result.
+  stop = lax.stop_gradient
+  info = _lasso(stop(X), stop(y), stop(lam), tol=tol, max_iters=max_iters, check_every=check_every)
+  info = info._replace(beta=_lasso_solution(X, y, lam, info.beta))
   return info if return_info else info.beta
+
+
+@jax.custom_jvp
+def _lasso_solution(X, y, lam, beta):
+  """Returns `beta`, the LASSO solution for (X, y, lam); its derivative is the implicit one of
+  `lasso`'s docstring (the tangent of `beta` itself is ignored: it is a function of the others)."""
+  return beta
+
+
+@_lasso_solution.defjvp
+def _lasso_solution_jvp(primals, tangents):
+  X, y, lam, beta = primals
+  dX, dy, dlam, _ = tangents
+  on = (beta != 0).astype(X.dtype)
+  # X_S^T X_S on the support, the identity off it: the solve gives dbeta_j = 0 for j not in S.
+  A = (X.T @ X) * (on[:, None] * on[None, :]) + jnp.diag(1.0 - on)
+  r = y - X @ beta
+  rhs = on * (dX.T @ r + X.T @ (dy - dX @ beta) - dlam * jnp.sign(beta))
+  return beta, jnp.linalg.solve(A, rhs)
 
 
 def _tol_for(dtype, tol):

@@ -176,6 +176,44 @@ def test_lasso_respects_max_iters_and_traced_lam(instances):
   assert info.converged.tolist() == [False, True]
 
 
+def test_lasso_gradient_is_the_implicit_derivative_float64(instances):
+  """d lasso / d (X, y, lam) (implicit differentiation of the optimality conditions) against
+  central finite differences and against differentiating 20,000 unrolled FISTA iterations, an
+  independent route to the same derivative; jacfwd == jacrev; vmapped grads == a loop."""
+  X, y = instances[0][0], instances[1][0]
+  w = np.random.default_rng(0).normal(size=X.shape[1])
+  lam, eps = 0.3, 1e-5
+  with jax.enable_x64():
+    solve = lambda X, y, lam: L.lasso(X, y, lam, tol=1e-14, max_iters=200_000)
+    f = lambda X, y, lam: jnp.dot(w, solve(X, y, lam))
+    beta = np.asarray(solve(X, y, lam))
+    on, off = np.flatnonzero(beta), np.flatnonzero(beta == 0)
+    assert 0 < len(on) < X.shape[0] and len(off)
+    gX, gy, glam = (np.asarray(g) for g in jax.grad(f, argnums=(0, 1, 2))(X, y, lam))
+
+    def fd(dX=0.0, dy=0.0, dlam=0.0):
+      return float(f(X + dX, y + dy, lam + dlam) - f(X - dX, y - dy, lam - dlam)) / (2 * eps)
+
+    unit = lambda shape, i: eps * np.eye(np.prod(shape))[np.ravel_multi_index(i, shape)].reshape(shape)
+    assert glam == pytest.approx(fd(dlam=eps), rel=1e-6, abs=1e-10)
+    assert gy[3] == pytest.approx(fd(dy=unit(y.shape, (3,))), rel=1e-6, abs=1e-10)
+    for i, j in ((2, on[0]), (7, on[-1]), (4, off[0])):
+      assert gX[i, j] == pytest.approx(fd(dX=unit(X.shape, (i, j))), rel=1e-6, abs=1e-10)
+    assert np.all(gX[:, off] == 0)   # moving an inactive column slightly keeps it inactive
+
+    unrolled = jax.grad(lambda X, y, lam: jnp.dot(w, L.fista(X, y, lam, 20_000)), argnums=(0, 1, 2))(X, y, lam)
+    for a, b in zip(unrolled, (gX, gy, glam)):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+    np.testing.assert_allclose(jax.jacfwd(solve, argnums=1)(X, y, lam),
+                               jax.jacrev(solve, argnums=1)(X, y, lam), atol=1e-12)
+    Xs, ys = instances
+    lams = np.linspace(0.1, 0.4, len(Xs))
+    grad_lam = jax.grad(f, argnums=2)
+    np.testing.assert_allclose(jax.vmap(grad_lam)(Xs, ys, lams),
+                               [grad_lam(a, b, c) for a, b, c in zip(Xs, ys, lams)], rtol=1e-10, atol=1e-12)
+
+
 def test_lasso_batch_equals_vmapped_lasso():
   t = L.sample_tasks(jax.random.key(4), 300, d=20, n=10, s=3)
   info = L.lasso_batch(t.X, t.y, 0.1, method="fista", first_round=20, chunk=64)
