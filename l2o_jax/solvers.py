@@ -187,6 +187,21 @@ def lasso(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, check_
   return info if return_info else info.beta
 
 
+def lasso_implicit(X, y, lam, beta):
+  """Returns `beta`, a LASSO solution for (X, y, lam), with `lasso`'s implicit derivative in X, y
+  and lam attached (see `lasso`; `beta` itself is treated as a function of them).
+
+  For solutions computed elsewhere, e.g. by `lasso_batch` (a host driver, not traceable):
+      info = lasso_batch(X, y, lam)
+      loss = lambda X, y: f(jax.vmap(lasso_implicit, (0, 0, None, 0))(X, y, lam, info.beta))
+  `jax.grad(loss)` then differentiates the exact solution map. Meaningful only at a solution
+  (certified by `duality_gap`); one instance X (n, d), y (n,), beta (d,), lam >= 0; vmap for batches.
+  """
+  X, y, beta, lam = _check_beta(X, y, beta, lam)
+  _checks.check_nonnegative("lam", lam)
+  return _lasso_solution(X, y, lam, beta)
+
+
 @jax.custom_jvp
 def _lasso_solution(X, y, lam, beta):
   """Returns `beta`, the LASSO solution for (X, y, lam); its derivative is the implicit one of
@@ -612,7 +627,8 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
 
   Both methods process instances in chunks of `chunk`, sized so a chunk's data stays in cache.
   A host-driven loop (rounds, compaction), so not jittable: call it on concrete arrays; inside
-  jit or vmap use `lasso`.
+  jit or vmap use `lasso`. Not differentiable itself: pass its solutions through
+  `jax.vmap(lasso_implicit, (0, 0, None, 0))(X, y, lam, info.beta)` for the derivative.
   """
   if not all(_checks.is_concrete(a) for a in (X, y, lam)):
     raise ValueError("X, y, lam: lasso_batch drives its rounds from the host and needs concrete "

@@ -130,6 +130,8 @@ def test_best_subset_recovers_noiseless_beta():
     (lambda X, y: L.lasso_objective(X, y, np.ones((20, 1)), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
     (lambda X, y: L.duality_gap(X, y, np.ones(19), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
     (lambda X, y: L.lipschitz(X[0]), "X: expected a 2-D array"),
+    (lambda X, y: L.lasso_implicit(X, y, 0.1, np.ones(19)), r"beta: expected shape \(d,\) = \(20,\)"),
+    (lambda X, y: L.lasso_implicit(X, y, -0.1, np.ones(20)), "lam: expected values >= 0"),
     (lambda X, y: L.best_subset(X[:, :2], y, 3), r"s: expected s <= d=2"),
     (lambda X, y: jax.jit(lambda X, y: L.lasso_batch(X, y, 0.1))(X[None], y[None]), "needs concrete arrays"),
 ])
@@ -179,7 +181,8 @@ def test_lasso_respects_max_iters_and_traced_lam(instances):
 def test_lasso_gradient_is_the_implicit_derivative_float64(instances):
   """d lasso / d (X, y, lam) (implicit differentiation of the optimality conditions) against
   central finite differences and against differentiating 20,000 unrolled FISTA iterations, an
-  independent route to the same derivative; jacfwd == jacrev; vmapped grads == a loop."""
+  independent route to the same derivative; jacfwd == jacrev; vmapped grads == a loop; the same
+  derivative for lasso_batch's solutions through lasso_implicit."""
   X, y = instances[0][0], instances[1][0]
   w = np.random.default_rng(0).normal(size=X.shape[1])
   lam, eps = 0.3, 1e-5
@@ -212,6 +215,13 @@ def test_lasso_gradient_is_the_implicit_derivative_float64(instances):
     grad_lam = jax.grad(f, argnums=2)
     np.testing.assert_allclose(jax.vmap(grad_lam)(Xs, ys, lams),
                                [grad_lam(a, b, c) for a, b, c in zip(Xs, ys, lams)], rtol=1e-10, atol=1e-12)
+    # lasso_batch's solutions (a host driver) get the same derivative through lasso_implicit.
+    betas = L.lasso_batch(Xs, ys, lam, tol=1e-14).beta
+    via_batch = jax.grad(lambda Xs, ys: jnp.sum(jax.vmap(L.lasso_implicit, (0, 0, None, 0))(Xs, ys, lam, betas) @ w),
+                         argnums=(0, 1))(Xs, ys)
+    direct = jax.vmap(jax.grad(f, argnums=(0, 1)), (0, 0, None))(Xs, ys, lam)
+    for a, b in zip(via_batch, direct):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
 def test_lasso_batch_equals_vmapped_lasso():
