@@ -22,10 +22,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _child_env() -> dict:
   """The environment for a test's child Python process: on the CPU, with this suite's XLA_FLAGS
-  less any forced device count (each child sets its own)."""
+  less any forced device count (each child sets its own), importing l2o_jax from this checkout.
+  (A child run as `python tests/x.py` has tests/ first on its path, so without PYTHONPATH it
+  imported whatever l2o_jax the environment has installed: from another checkout sharing the
+  virtual environment, the parent and the child tested different code.)"""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), PYTHONPATH=path)
 
 
 @pytest.fixture

@@ -64,12 +64,13 @@ def _worker(out_path):
   mesh = distributed.data_mesh()
   objective = distributed.data_parallel(OBJ, mesh)
   info = _sharded_batch_info(objective)
-  state = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS, log_fn=None,
-                    place=lambda s: distributed.replicate(s, mesh)).state
+  result = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS, log_fn=None,
+                     place=lambda s: distributed.replicate(s, mesh))
+  state = result.state
   info["replicated"] = _replicated(state)
   lista_state = train.fit(distributed.data_parallel(lista_objective(), mesh), OPT, 5, steps_per_call=5, log_fn=None,
                           place=lambda s: distributed.replicate(s, mesh)).state
-  np.savez(out_path, *_leaves(state), *_leaves(lista_state))
+  np.savez(out_path, *_leaves(state), *_leaves(lista_state), result.losses)   # losses: the reported per-step means
   print(json.dumps(info))
 
 
@@ -149,6 +150,7 @@ def test_four_devices_match_one_device(tmp_path, one_device, child_env):
   four = np.load(out)
   one = _leaves(one_device.state)
   one += _leaves(train.fit(lista_objective(), OPT, 5, steps_per_call=5, log_fn=None).state)
+  one.append(one_device.losses)   # the loss each step reports is the full batch's mean, not a sum of shards
   assert len(four.files) == len(one)
   for i, ref in enumerate(one):
     np.testing.assert_allclose(four[f"arr_{i}"], ref, rtol=1e-5, atol=1e-6)

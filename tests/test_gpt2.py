@@ -103,7 +103,7 @@ def test_matches_numpy_reference(params, task, predict_jit):
   out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
   for b in range(2):
     ref = _numpy_reference(params, *(np.asarray(a[b], np.float64) for a in (task.X, task.y, task.x_query)))
-    np.testing.assert_allclose(out[b], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[b], ref, rtol=1e-5, atol=1e-5)   # float32 vs float64: ~2e-7
   xla = predict_jit(params, task.X, task.y, task.x_query, attention="xla")
   np.testing.assert_allclose(np.asarray(xla), out, rtol=1e-5, atol=1e-5)
 
@@ -199,7 +199,7 @@ def test_matches_hf_gpt2(params, task, predict_jit):
     hidden = model(inputs_embeds=embeds).last_hidden_state
     ref = (hidden @ t(params["read_out"]["w"]) + t(params["read_out"]["b"]))[:, ::2].numpy()
   out = np.asarray(predict_jit(params, task.X, task.y, task.x_query))
-  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_benchmark_harness_smoke(capsys):
@@ -234,3 +234,15 @@ def test_benchmark_harness_smoke(capsys):
   nan_runner = types.SimpleNamespace(compile_s=1.0, loss=float("nan"), traces=1)
   diverged = run._train_row("small_tf", "l2o_jax", nan_runner, [0.03], 64)
   assert diverged["diverged"] and "non-finite loss" in run.to_markdown(env, [diverged])
+
+
+def test_gpt2_loss_prefix_and_query():
+  # [gpt2.loss] (used by benchmarks.micro): Garg et al.'s prefix loss over y_1..y_{n+1}, or the query's.
+  from l2o_jax.transformer import gpt2
+  rng = np.random.default_rng(2)
+  p = gpt2.init(jax.random.key(0), d=5, max_points=7, num_layers=1, width=16, num_heads=2)
+  X, y, xq, yq = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 6, 5), (3, 6), (3, 5), (3,)))
+  pred = np.asarray(gpt2.predict_batch(p, X, y, xq))
+  targets = np.concatenate([np.asarray(y), np.asarray(yq)[:, None]], axis=1)
+  np.testing.assert_allclose(gpt2.loss(p, X, y, xq, yq), np.mean((pred - targets) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(gpt2.loss(p, X, y, xq, yq, prefix=False), np.mean((pred[:, -1] - yq) ** 2), rtol=1e-5)

@@ -278,3 +278,25 @@ def test_integer_and_float64_inputs():
     assert lista.apply("lista_vm", p, Xi.astype(np.float64), yi.astype(np.float64)).dtype == jnp.float32
   with jax.enable_x64():
     assert lista.lista_vm(p, Xi.astype(np.float64), yi.astype(np.float32)).dtype == jnp.float64
+
+
+def test_alista_init_step_and_threshold():
+  # [lista.init "alista"] gamma_k = 1 / ||W^T X||_2 and theta_k = lam gamma_k.
+  X = np.random.default_rng(2).normal(size=(N, D))
+  p = lista.init("alista", None, num_layers=K, d=D, n=N, X=X, lam=LAM)
+  gamma = 1.0 / np.linalg.norm(np.asarray(p["W"], np.float64).T @ X, 2)
+  np.testing.assert_allclose(p["gamma"], np.full(K, gamma), rtol=1e-5)
+  np.testing.assert_allclose(p["theta"], np.full(K, LAM * gamma), rtol=1e-5)
+
+
+def test_objective_loss_is_mean_over_instances_of_squared_norms():
+  # [lista.make_objective] loss = sum_j ||beta_hat_j - beta_j||^2 / B (section 6, over the batch).
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(6, N, D)).astype(np.float32)
+  beta = rng.normal(size=(6, D)).astype(np.float32)
+  task = tasks.Task(jnp.asarray(X), jnp.asarray(np.einsum("bnd,bd->bn", X, beta)), jnp.zeros((6, D)),
+                    jnp.zeros(6), jnp.asarray(beta))
+  obj = lista.make_objective("lista_vm", protocol="meta", d=D, n=N, s=2, num_layers=K, batch=6)
+  params = lista.lista_vm_init(jax.random.key(0), K, D, n=N)
+  bh = np.stack([np.asarray(lista.lista_vm(params, X[b], task.y[b])) for b in range(6)])
+  np.testing.assert_allclose(obj.loss(params, task), np.sum((bh - beta) ** 2) / 6, rtol=1e-5)

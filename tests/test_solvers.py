@@ -297,6 +297,9 @@ def test_lasso_batch_homotopy_float32_certified_and_matches_fista():
   scale = np.maximum(1.0, 0.5 * np.sum(np.asarray(y, np.float64) ** 2, axis=1))
   assert np.all(np.abs(obj(info.beta) - obj(ref.beta)) <= 2e-5 * scale)
   np.testing.assert_allclose(info.beta, ref.beta, atol=2e-2)
+  # The path's two Newton refinements leave float32 round-off (~6e-7), not its drift (~2e-5).
+  exact = np.stack([sklearn_lasso(X[k].astype(np.float64), y[k].astype(np.float64), lam) for k in range(len(X))])
+  np.testing.assert_allclose(info.beta, exact, atol=3e-6)
   # Path steps: the paper setting needs a handful of kinks, not FISTA's hundreds of iterations.
   assert int(jnp.max(info.num_iters)) <= 40 and float(jnp.median(info.num_iters)) < float(jnp.median(ref.num_iters))
   # Instances whose path is cut short (max_steps) are finished by FISTA, with the same certificate.
@@ -318,3 +321,39 @@ def test_lasso_batch_bad_input(kwargs, match):
   lam = kwargs.pop("lam", 0.1)
   with pytest.raises(ValueError, match=match):
     L.lasso_batch(X, y, lam, **kwargs)
+
+
+def test_lasso_iterations_are_fista_with_gradient_restart(instances):
+  # [solvers.lasso] K iterations of `lasso` equal a NumPy loop of FISTA with O'Donoghue-Candes
+  # gradient restart (t <- 1 when (z - beta_next) . (beta_next - beta) > 0), and the restart fires.
+  X, y = instances[0][0], instances[1][0]
+  lam, K = 0.01, 60
+  Lc = np.linalg.eigvalsh(X.T @ X)[-1]
+  soft = lambda v, th: np.sign(v) * np.maximum(np.abs(v) - th, 0)
+  beta, z, t, restarts = np.zeros(20), np.zeros(20), 1.0, 0
+  for _ in range(K):
+    nb = soft(z - X.T @ (X @ z - y) / Lc, lam / Lc)
+    if (z - nb) @ (nb - beta) > 0:
+      t, restarts = 1.0, restarts + 1
+    tn = (1 + np.sqrt(1 + 4 * t * t)) / 2
+    z, beta, t = nb + (t - 1) / tn * (nb - beta), nb, tn
+  assert restarts > 0
+  with jax.enable_x64():
+    got = L.lasso(jnp.asarray(X), jnp.asarray(y), lam, tol=1e-300, max_iters=K, check_every=10)
+    plain = L.fista(jnp.asarray(X), jnp.asarray(y), lam, K)
+  np.testing.assert_allclose(got, beta, atol=1e-10)
+  assert np.abs(np.asarray(plain) - beta).max() > 1e-6   # the restart changes the iterates
+
+
+def test_duality_gap_dual_scale_is_capped_at_one(instances):
+  # [solvers.duality_gap] s = min(1, lam / ||X^T r||_inf): where ||X^T r||_inf < lam the dual
+  # point is r itself; beta = 0 is optimal for lam >= ||X^T y||_inf, so its gap is exactly 0.
+  X, y = instances[0][0], instances[1][0]
+  with jax.enable_x64():
+    lam0 = float(np.abs(X.T @ y).max())
+    for lam in (lam0, 1.5 * lam0):
+      assert float(L.duality_gap(jnp.asarray(X), jnp.asarray(y), jnp.zeros(20), lam)) == 0.0
+    # And below lam0 at beta = 0: s = lam / lam0 < 1, gap = (1/2)(1-s)^2 |y|^2 + 0.
+    lam = 0.5 * lam0
+    np.testing.assert_allclose(L.duality_gap(jnp.asarray(X), jnp.asarray(y), jnp.zeros(20), lam),
+                               0.5 * 0.25 * y @ y, rtol=1e-12)

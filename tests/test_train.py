@@ -101,3 +101,85 @@ def test_skip_nonfinite_stops_after_a_run_of_skips_whatever_the_chunks():
 def test_finite_mean_leaves_out_skipped_steps():
   out = T.finite_mean([[1.0, np.nan, 3.0], [np.inf, np.nan, -np.inf]])
   assert out[0] == 2.0 and np.isnan(out[1])
+
+
+def _adam_reference(lr, grads, b1=0.9, b2=0.999, eps=1e-8):
+  m = v = 0.0
+  out = []
+  for k, g in enumerate(grads, 1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    out.append(-lr * (m / (1 - b1 ** k)) / (np.sqrt(v / (1 - b2 ** k)) + eps))
+  return out
+
+
+def test_make_optimizer_clips_then_adam():
+  # [train.make_optimizer] global-norm clipping (default 1.0) before Adam: with gradients of
+  # varying norm the clipped and unclipped Adam updates differ.
+  p = {"w": jnp.zeros(2)}
+  gs = [np.array([3.0, 4.0]) * c for c in (2.0, 0.1, 1.0)]      # norms 10, 0.5, 5
+  clipped = [g / max(1.0, np.linalg.norm(g)) for g in gs]
+  opt = T.make_optimizer(0.1)
+  s = opt.init(p)
+  for g, want in zip(gs, _adam_reference(0.1, clipped)):
+    u, s = opt.update({"w": jnp.asarray(g, jnp.float32)}, s, p)
+    np.testing.assert_allclose(u["w"], want, rtol=1e-4)
+  assert np.abs(_adam_reference(0.1, clipped)[-1] - _adam_reference(0.1, gs)[-1]).max() > 1e-3
+
+
+def test_make_optimizer_warmup_and_cosine_schedule():
+  # [train.make_optimizer] with a constant gradient every Adam update is -lr_t (m_hat / sqrt(v_hat) = 1).
+  p, g = {"w": jnp.zeros(1)}, {"w": jnp.ones(1)}
+  def lrs(opt, steps):
+    s, out = opt.init(p), []
+    for _ in range(steps):
+      u, s = opt.update(g, s, p)
+      out.append(-float(u["w"][0]))
+    return np.array(out)
+  np.testing.assert_allclose(lrs(T.make_optimizer(0.5, clip_norm=None, warmup_steps=4), 6),
+                             [0, 0.125, 0.25, 0.375, 0.5, 0.5], rtol=1e-5, atol=1e-7)
+  peak, end = 0.5, 0.5 * 0.1
+  cos = [end + (peak - end) * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(5)]
+  np.testing.assert_allclose(lrs(T.make_optimizer(peak, clip_norm=None, warmup_steps=2, decay_steps=6,
+                                                  end_lr_factor=0.1), 8),
+                             [0, 0.25] + cos + [end], rtol=1e-5, atol=1e-7)
+
+
+def test_skip_nonfinite_with_adam_leaves_the_moments_untouched():
+  # [train.make_step] a skipped step keeps the optimizer state too: Adam's moments never see a NaN.
+  p_bad, steps, lr = 0.3, 20, 0.1
+  objective = T.Objective(lambda key: {"w": jnp.ones(3)}, lambda key: jax.random.uniform(key),
+                          lambda p, b: jnp.where(b < p_bad, jnp.nan, 1.0) * jnp.sum(p["w"] ** 2))
+  result = T.fit(objective, optax.adam(lr), steps, steps_per_call=5, log_fn=None, skip_nonfinite=True)
+  key = T.init_state(objective, optax.adam(lr), 0).key
+  bad = [float(jax.random.uniform(jax.random.fold_in(key, t))) < p_bad for t in range(steps)]
+  assert 0 < sum(bad) < steps and result.skipped == sum(bad)
+  w, m, v, k = 1.0, 0.0, 0.0, 0                      # Adam on the good steps only, by hand
+  for is_bad in bad:
+    if is_bad:
+      continue
+    k, g = k + 1, 2 * w
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    w -= lr * (m / (1 - 0.9 ** k)) / (np.sqrt(v / (1 - 0.999 ** k)) + 1e-8)
+  np.testing.assert_allclose(result.state.params["w"][0], np.full(3, w), rtol=1e-4, atol=1e-5)
+
+
+def test_skip_nonfinite_skips_a_nan_gradient_with_finite_loss():
+  # [train.make_step] skip mode: a step whose loss is finite but whose gradient is NaN is skipped.
+  p_bad, steps = 0.3, 20
+  objective = T.Objective(
+      lambda key: {"w": jnp.ones(3)}, lambda key: jax.random.uniform(key),
+      # sqrt(0 + 0) on bad steps: value 0, gradient inf * 0 = NaN; sqrt(1) with zero gradient otherwise.
+      lambda p, b: jnp.sum(p["w"] ** 2) + jnp.sqrt(jnp.sum((p["w"] - p["w"]) ** 2) + jnp.where(b < p_bad, 0.0, 1.0)))
+  result = T.fit(objective, optax.sgd(0.1), steps, steps_per_call=5, log_fn=None, skip_nonfinite=True)
+  key = T.init_state(objective, optax.sgd(0.1), 0).key
+  bad = [float(jax.random.uniform(jax.random.fold_in(key, t))) < p_bad for t in range(steps)]
+  assert 0 < sum(bad) < steps and result.skipped == sum(bad)
+  np.testing.assert_allclose(result.state.params["w"][0], 0.8 ** (steps - sum(bad)) * np.ones(3), rtol=1e-5)
+
+
+def test_train_stops_on_non_finite_gradient_with_finite_loss():
+  # [train.make_step] |w| at w = 0: loss 0, gradient 0/0 = NaN.
+  obj = T.Objective(init=lambda k: {"w": jnp.zeros(3)}, sample=lambda k: jnp.zeros(()),
+                    loss=lambda p, b: jnp.sqrt(jnp.sum(p["w"] ** 2)) + b)
+  with pytest.raises(T.NonFiniteLossError, match="step 0"):
+    T.train(obj, optax.sgd(0.1), 5, steps_per_call=5, log_fn=None)

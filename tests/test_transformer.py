@@ -315,3 +315,18 @@ def test_causal_blocks_default_per_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert stf._causal_blocks(None) == 1
   assert stf._causal_blocks(3) == 3
+
+
+def test_small_tf_init_scales():
+  # [small_tf.small_tf_init] the documented init std of every leaf.
+  from l2o_jax.transformer import small_tf_init
+  d, Lyr, M, Dh = 4, 3, 2, 40
+  Dm = 2 * d + 2
+  p = jax.jit(lambda k: small_tf_init(k, d=d, num_layers=Lyr, num_heads=M, mlp_hidden=Dh,
+                                      qk_scale=0.7, out_scale=0.3))(jax.random.key(0))
+  a, m = p["body"]["attn"], p["body"]["mlp"]
+  for arr, want in ((a["Q"], 0.7 / np.sqrt(Dm)), (a["K"], 0.7 / np.sqrt(Dm)),
+                    (a["V"], 0.3 / np.sqrt(Dm * M * Lyr)), (m["W1"], np.sqrt(2 / Dm)),
+                    (m["W2"], 0.3 / np.sqrt(Dh * Lyr)), (p["V"], 1 / np.sqrt(Dm * d))):
+    np.testing.assert_allclose(np.asarray(arr).std(), want, rtol=0.2)
+  np.testing.assert_array_equal(m["b"], 0.0)
