@@ -179,11 +179,7 @@ def lasso(X, y, lam, tol: float | None = None, *, max_iters: int = 20000, check_
   tol = _tol_for(X.dtype, tol)
   _checks.check_positive_int("max_iters", max_iters)
   _checks.check_positive_int("check_every", check_every)
-  # The iterations see no tangents (they are not differentiated); beta's derivative comes from
-  # the optimality conditions at their result.
-  stop = lax.stop_gradient
-  info = _lasso(stop(X), stop(y), stop(lam), tol=tol, max_iters=max_iters, check_every=check_every)
-  info = info._replace(beta=_lasso_solution(X, y, lam, info.beta))
+  info = _lasso(X, y, lam, tol=tol, max_iters=max_iters, check_every=check_every)
   return info if return_info else info.beta
 
 
@@ -270,11 +266,14 @@ def _gap_threshold(y, tol):
 
 @functools.partial(jax.jit, static_argnames=("tol", "max_iters", "check_every"))
 def _lasso(X, y, lam, *, tol, max_iters, check_every):
-  threshold = _gap_threshold(y, tol)
-  carry, it, gap = _lasso_start(X, y, lam)
-  (beta, _, _), iters, gap = _lasso_run(X, y, lam, carry, it, gap, max_iters, threshold, check_every)
+  # The iterations see no tangents (they are not differentiated); beta's derivative comes from
+  # the optimality conditions at their result (`_lasso_solution`, inside the jit: no eager cost).
+  Xs, ys, lams = (lax.stop_gradient(a) for a in (X, y, lam))
+  threshold = _gap_threshold(ys, tol)
+  carry, it, gap = _lasso_start(Xs, ys, lams)
+  (beta, _, _), iters, gap = _lasso_run(Xs, ys, lams, carry, it, gap, max_iters, threshold, check_every)
   # lam < 0 is rejected up front when concrete; a traced one leaves a meaningless "gap".
-  return LassoInfo(beta, gap, iters, (gap <= threshold) & (lam >= 0))
+  return LassoInfo(_lasso_solution(X, y, lam, beta), gap, iters, (gap <= threshold) & (lams >= 0))
 
 
 @functools.partial(jax.jit, static_argnames=("tol",))
