@@ -91,6 +91,14 @@ def _fmt(entry) -> str:
   return f"{_mean(entry):.4g}"
 
 
+def _interval(entry) -> str:
+  """[lo, hi] of a bootstrap 95% interval of the mean over test tasks (runs before it existed: "")."""
+  if entry is None:
+    return ""
+  lo, hi = (_mean(b) for b in entry)
+  return f"[{lo:.3g}, {hi:.3g}]"
+
+
 def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[str]] | None:
   cfg = run["config"]
   if study not in run["studies"]:
@@ -103,7 +111,7 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
       names.append(LABELS[name]); values.append(refs[key]); errs.append(0); colors.append("0.6")
       fixed.append(None)
       rows.append(f"| {LABELS[name]} (K={refs['iters']}, lam={refs['lam']}) | {refs[key]:.4g} "
-                  f"| {_fmt(refs.get(key + '_median'))} | | |")
+                  f"| {_interval(refs.get(key + '_ci95'))} | {_fmt(refs.get(key + '_median'))} | | |")
   for m in methods:
     job = run["jobs"].get(_job_name(cfg, m, support))
     if job is None:
@@ -113,7 +121,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
     errs.append(job["pred_error"].get("std", 0.0))
     colors.append("tab:red" if m.endswith("_meta") else ("tab:blue" if m in FIXED_X else "tab:green"))
     fixed.append(_mean(job["pred_error_fixed_x"]) if "pred_error_fixed_x" in job else None)
-    rows.append(f"| {LABELS.get(m, m)} | {_fmt(job['pred_error'])} | {_fmt(job.get('pred_error_median'))} "
+    rows.append(f"| {LABELS.get(m, m)} | {_fmt(job['pred_error'])} | {_interval(job.get('pred_error_ci95'))} "
+                f"| {_fmt(job.get('pred_error_median'))} "
                 f"| {_fmt(job.get('pred_error_fixed_x'))} "
                 f"| {job['steps']} x {len(job['seeds'])} seed(s) |")
   if not names:
@@ -128,7 +137,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   for key, style in (("lasso", "--"), ("oracle", ":")):
     if key in refs:
       ax.axhline(refs[key], ls=style, color="k", lw=1, label=f"{LABELS[key]} = {refs[key]:.3g}")
-      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | {_fmt(refs.get(key + '_median'))} | | |")
+      rows.append(f"| {LABELS[key]} | {refs[key]:.4g} | {_interval(refs.get(key + '_ci95'))} "
+                  f"| {_fmt(refs.get(key + '_median'))} | | |")
   ax.set_xticks(list(x), names, rotation=30, ha="right")
   ax.set_yscale("log")
   ax.set_ylabel("prediction error  (y - ŷ)²")
@@ -139,8 +149,11 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   path = os.path.join(out_dir, f"{study}.png")
   fig.savefig(path, dpi=120)
   plt.close(fig)
-  table = [f"### {title}", "", "| method | prediction error (varying X) | median over tasks | fixed training X | training |",
-           "|---|---:|---:|---:|---|", *rows, ""]
+  table = [f"### {title}", "", "| method | prediction error (varying X) | 95% interval of the mean | "
+           "median over tasks | fixed training X | training |", "|---|---:|---|---:|---:|---|", *rows, "",
+           "The interval is a bootstrap over the test tasks (`l2o_jax.metrics.mean_interval`): the "
+           "errors are heavy-tailed, so a few tasks can move the mean; `python -m experiments.spread` "
+           "measures it on fresh test sets.", ""]
   return path, table
 
 

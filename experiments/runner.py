@@ -438,7 +438,7 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
     ev = transformer.evaluate(job.method, params_i, task, score_clip=clip)
     out = {"pred_error": ev["pred_error"]}
     if full:
-      out["pred_error_median"] = ev["pred_error_median"]
+      out["pred_error_median"], out["pred_error_ci95"] = ev["pred_error_median"], list(ev["pred_error_ci95"])
       limit = max_demonstrations(job, params_i)
       if limit is not None and ppl_task.X.shape[1] > limit:
         ppl_task = _truncate(ppl_task, limit)  # evaluate only the prompts the model can hold
@@ -451,7 +451,7 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
   out = {"pred_error": ev["pred_error"]}
   if not full:
     return out
-  out["pred_error_median"] = ev["pred_error_median"]
+  out["pred_error_median"], out["pred_error_ci95"] = ev["pred_error_median"], list(ev["pred_error_ci95"])
   out["per_layer"] = ev["per_layer"]
   out["beta_nmse_db"] = ev["beta_nmse_db"]
   if fixed_task is not None:
@@ -604,11 +604,13 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
     errs = per_task.mean(0)
     out[name] = float(errs[c.eval.iters - 1])
     out[f"{name}_median"] = float(L.median_error(per_task[:, c.eval.iters - 1]))
+    out[f"{name}_ci95"] = list(L.mean_interval(per_task[:, c.eval.iters - 1]))
     out[f"{name}_per_k"] = {int(k): float(errs[k - 1]) for k in (ks or [])}
     out[f"{name}_per_layer"] = [float(e) for e in errs[:c.eval.iters]]
   beta = jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y)
   out["lasso"] = err(beta)
   out["lasso_median"] = float(L.median_prediction_error(task.y_query, task.x_query, beta))
+  out["lasso_ci95"] = list(L.mean_interval((task.y_query - jnp.einsum("bd,bd->b", task.x_query, beta)) ** 2))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:
     out.update(reference_prompt_lengths(c, support=support))

@@ -8,6 +8,7 @@ checks on *shapes* always run.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import jax
@@ -69,6 +70,19 @@ def check_key(name: str, key) -> None:
   """Rejects the common mistake of an int seed where a `jax.random.key` is expected."""
   if isinstance(key, (bool, numbers.Integral)):
     raise ValueError(f"{name}: expected a jax.random.key, got the int {key!r}; use jax.random.key({key!r})")
+
+
+def check_keywords(name: str, kwargs: dict, fn, *, exclude=()) -> None:
+  """Rejects keywords that `fn` does not take (a misspelt `num_layer=`) with a ValueError naming
+  `name` and the accepted ones, instead of Python's TypeError from deep inside a constructor.
+  The accepted names come from `fn`'s signature, minus `exclude` (those the caller sets)."""
+  params = inspect.signature(fn).parameters
+  accepted = sorted(k for k, p in params.items()
+                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k not in exclude)
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    where = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+    raise ValueError(f"{name}: unknown keyword(s) {unknown}; {where} accepts {accepted}")
 
 
 def float_dtype(*arrays):

@@ -455,8 +455,9 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   """Prediction error (section 6) of `method` on a batch of tasks.
 
   Returns {"pred_error": mean (y_query - x_query^T beta_hat)^2 after the last layer,
-  "pred_error_median": the median over tasks of the same, "per_layer": [K floats] the mean after
-  each layer, "beta_nmse_db": 10 log10 of sum ||beta_hat - beta||^2 / sum ||beta||^2}.
+  "pred_error_median": the median over tasks of the same, "pred_error_ci95": (lo, hi) the
+  bootstrap 95% interval of the mean over tasks (`metrics.mean_interval`: these errors are
+  heavy-tailed), "per_layer": [K floats] the mean after each layer, "beta_nmse_db": 10 log10 of sum ||beta_hat - beta||^2 / sum ||beta||^2}.
   """
   _check_method(method)
   B, n, d = tasks_lib.check_task(task)
@@ -467,7 +468,8 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   betas = _evaluate(method, params, task.X, task.y, mask)
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
-  median = metrics.median_prediction_error(task.y_query, task.x_query, final)
-  return {"pred_error": float(per_layer[-1]), "pred_error_median": float(median),
+  errors = (task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2
+  return {"pred_error": float(per_layer[-1]), "pred_error_median": float(metrics.median_error(errors)),
+          "pred_error_ci95": metrics.mean_interval(errors),
           "per_layer": [float(v) for v in per_layer],
           "beta_nmse_db": float(metrics.beta_nmse_db(final, task.beta))}

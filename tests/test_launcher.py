@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import report, runner, writers
+from experiments import report, runner, spread, writers
 from experiments.configs import quick
 from l2o_jax import checkpoint, train
 
@@ -275,6 +275,18 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   task = runner.test_tasks(c, c.eval.num_tasks, salt=2)
   direct = lista.evaluate("lista_vm", jax.tree_util.tree_map(lambda x: x[0], state.params), task)
   assert res["pred_error"]["mean"] == pytest.approx(direct["pred_error"], rel=1e-6)
+  lo, hi = (b["mean"] for b in res["pred_error_ci95"])          # the bootstrap interval of the mean
+  assert lo < res["pred_error"]["mean"] < hi
+  # experiments.spread: the same checkpoint on fresh test sets (salts 100, 101), with references.
+  sp = spread.spread(str(tmp_path), sets=2, log=lambda m: None)
+  assert set(sp["methods"]) == {"lista_vm", "ISTA", "FISTA", "LASSO"}
+  fresh = runner.test_tasks(c, c.eval.num_tasks, salt=spread.SALT0 + 1)
+  direct = lista.evaluate("lista_vm", jax.tree_util.tree_map(lambda x: x[0], state.params), fresh)
+  assert sp["methods"]["lista_vm"]["set_means"][1] == pytest.approx(direct["pred_error"], rel=1e-5)
+  assert sp["methods"]["lista_vm"]["set_means"][0] != pytest.approx(direct["pred_error"], rel=1e-3)
+  assert "| lista_vm |" in spread.table(sp)
+  with pytest.raises(ValueError, match=r"jobs: 'gpt2' is not a job of this run; its jobs are \['lista_vm'\]"):
+    spread.spread(str(tmp_path), jobs=["gpt2"])
   # Relaunch: finished jobs are not retrained; a changed config is refused, nothing overwritten.
   logs.clear()
   runner.run(c, str(tmp_path), log=logs.append)

@@ -212,8 +212,9 @@ def test_evaluate_matches_metrics(task):
     np.testing.assert_allclose(ev["per_layer"][k], want, rtol=1e-5)
   np.testing.assert_allclose(ev["pred_error"], ev["per_layer"][-1])
   final = np.asarray(betas[:, -1])
-  np.testing.assert_allclose(ev["pred_error_median"],
-                             np.median((task.y_query - np.einsum("bd,bd->b", task.x_query, final)) ** 2), rtol=1e-5)
+  errors = (task.y_query - np.einsum("bd,bd->b", task.x_query, final)) ** 2
+  np.testing.assert_allclose(ev["pred_error_median"], np.median(errors), rtol=1e-5)
+  np.testing.assert_allclose(ev["pred_error_ci95"], metrics.mean_interval(errors), rtol=1e-5)
   np.testing.assert_allclose(ev["beta_nmse_db"], metrics.beta_nmse_db(betas[:, -1], task.beta), rtol=1e-5)
 
 

@@ -7,6 +7,35 @@ import pytest
 import l2o_jax as L
 
 
+def test_mean_interval_is_the_bootstrap_of_the_mean():
+  rng = np.random.default_rng(0)
+  e = rng.exponential(size=2000)
+  lo, hi = L.mean_interval(e)
+  # A plain loop of the definition: resample tasks with replacement, quantiles of the means.
+  means = np.sort([e[rng.integers(0, e.size, e.size)].mean() for _ in range(2000)])
+  np.testing.assert_allclose([lo, hi], [means[49], means[1949]], rtol=0.01)
+  # ... and the normal approximation mean -+ 1.96 sd / sqrt(B) for this light-tailed sample.
+  half = 1.96 * e.std() / np.sqrt(e.size)
+  np.testing.assert_allclose([lo, hi], [e.mean() - half, e.mean() + half], rtol=0.01)
+  assert L.mean_interval(e) == (lo, hi) and L.mean_interval(e, seed=1) != (lo, hi)   # seeded
+  lo90, hi90 = L.mean_interval(e, level=0.9)
+  assert lo < lo90 < hi90 < hi
+  e[3] = np.nan          # an overflowed task counts as +inf: the upper end is inf, not NaN
+  lo_nan, hi_nan = L.mean_interval(e)
+  assert np.isfinite(lo_nan) and hi_nan == np.inf
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"errors": np.ones((3, 2))}, r"errors: expected a 1-D array"),
+    ({"errors": np.ones(0)}, r"errors: expected at least one task"),
+    ({"errors": np.ones(5), "level": 1.0}, r"level: expected a probability in \(0, 1\), got 1.0"),
+    ({"errors": np.ones(5), "resamples": 0}, r"resamples: expected an integer >= 1, got 0"),
+])
+def test_mean_interval_bad_inputs(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    L.mean_interval(**kwargs)
+
+
 def test_prediction_error_and_nmse():
   rng = np.random.default_rng(0)
   xq, b, bh = (rng.normal(size=(5, 4)) for _ in range(3))

@@ -69,6 +69,7 @@ def _job(method, err, *, support=None, readout=None, K=None, curve=True, fixed=N
          "support": support, "readout": readout, "num_layers": K,
          "family": "tf" if method in runner.TF_METHODS else "lista", "steps": 100, "seeds": [0, 1],
          "pred_error": _stats(err), "pred_error_median": _stats(err / 2),
+         "pred_error_ci95": [_stats(err * 0.8), _stats(err * 1.3)],
          "per_prompt_length": {str(n): _stats(err * 10 / n) for n in (2, 4, 6, 8, 10, 15, 20)}}
   if method == "gpt2":  # positions for N + 1 = 11 points only: lengths beyond N are not evaluated
     out["per_prompt_length"] = {n: v for n, v in out["per_prompt_length"].items() if int(n) <= 10}
@@ -99,7 +100,7 @@ def test_report_writes_every_figure_and_table(tmp_path):
   for j in jobs:
     os.makedirs(wd / j["job"])
     writers.write_json(str(wd / j["job"] / "results.json"), j)
-  refs = {"ista": 1.2, "ista_median": 0.4, "fista": 0.9, "lasso": 0.5, "oracle": 0.01, "lam": 0.1, "iters": 12,
+  refs = {"ista": 1.2, "ista_median": 0.4, "ista_ci95": [1.0, 1.5], "fista": 0.9, "lasso": 0.5, "oracle": 0.01, "lam": 0.1, "iters": 12,
           "ista_per_k": {str(k): 2.0 / k ** 0.5 for k in (1, 2, 4, 8, 16)},
           "fista_per_k": {str(k): 1.5 / k for k in (1, 2, 4, 8, 16)},
           "ista_per_layer": [2.0 / k for k in range(1, 13)], "fista_per_layer": [1.5 / k for k in range(1, 13)],
@@ -114,8 +115,10 @@ def test_report_writes_every_figure_and_table(tmp_path):
   text = open(md).read()
   assert "| LISTA-VM-SS | 0.07 ± 0.007 |" in text          # mean ± std over seeds
   assert "| ISTA (lam=0.1) | 2 | 1 | 0.667 |" in text        # per-layer curve of the references
-  assert "| LISTA | 6 ± 0.6 | 3 ± 0.3 | 0.05 ± 0.005 |" in text   # varying X (mean, median), training X
-  assert "| ISTA (K=12, lam=0.1) | 1.2 | 0.4 | | |" in text
+  # varying X (mean, bootstrap interval, median), training X
+  assert "| LISTA | 6 ± 0.6 | [4.8, 7.8] | 3 ± 0.3 | 0.05 ± 0.005 |" in text
+  assert "| ISTA (K=12, lam=0.1) | 1.2 | [1, 1.5] | 0.4 | | |" in text
+  assert "| LASSO (converged) | 0.5 |  |  | | |" in text    # no interval stored (older runs): blank
   assert "| 16 | 0.125 | 0.125 | 0.5 | 0.09375 |" in text    # layers table row
   assert "| 0.1 | 1.2 |" in text                             # classical table carried over
   # Prompt lengths beyond the training N = 10 (quick preset): marked, GPT-2's missing ones explained.

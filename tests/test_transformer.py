@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from l2o_jax import lista, sample_tasks
+from l2o_jax.metrics import mean_interval
 from l2o_jax.transformer import small_tf as stf
 from l2o_jax.transformer import (SmallTF, embed, evaluate, init_params, linear_readout,
                                  make_objective, predict, query_dagger_readout, query_readout,
@@ -173,6 +174,7 @@ def test_evaluate_per_prompt_length_matches_truncated_prompts(task, tf_params, b
     np.testing.assert_allclose(ev["per_prompt_length"][n], np.mean((task.y_query - preds) ** 2), rtol=1e-4)
   assert ev["pred_error"] == ev["per_prompt_length"][N]
   np.testing.assert_allclose(ev["pred_error_median"], np.median((task.y_query - preds) ** 2), rtol=1e-4)
+  np.testing.assert_allclose(ev["pred_error_ci95"], mean_interval((task.y_query - preds) ** 2), rtol=1e-4)
 
 
 def test_nnx_wrapper_matches_pure_functions(tf_params, task):
@@ -225,6 +227,10 @@ def test_gpt2_dispatch(task):
     (lambda p: small_tf_init(0, d=d), r"key: expected a jax.random.key, got the int 0"),
     (lambda p: small_tf_init(jax.random.key(0), d=d, qk_scale=np.ones(2)), "qk_scale"),
     (lambda p: make_objective("small_tf", num_layer=2), "model_kwargs: .*num_layer"),   # misspelt
+    (lambda p: init_params("small_tf", jax.random.key(0), d=d, out_scal=0.1),
+     r"model_kwargs: unknown keyword\(s\) \['out_scal'\]; small_tf.small_tf_init accepts .*'out_scale'"),
+    (lambda p: init_params("gpt2", jax.random.key(0), d=d, n=N, heads=2), r"model_kwargs: .*\['heads'\].*'num_heads'"),
+    (lambda p: SmallTF(d=d, num_layers=1, qk_scal=1.0), r"init_kw: unknown keyword\(s\) \['qk_scal'\]"),
     (lambda p: make_objective("gpt2", width=30, num_heads=8), "width: expected a multiple of num_heads"),
     (lambda p: x_tilde(jnp.zeros((3, d)), jnp.zeros(d + 1)), r"x_query: expected shape \(4,\)"),
 ])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2o_jax import _checks
-from l2o_jax.metrics import median_error
+from l2o_jax.metrics import mean_interval, median_error
 from l2o_jax.tasks import Task, check_task, sample_tasks
 from l2o_jax.train import Objective
 from l2o_jax.transformer.small_tf import READOUTS, small_tf_init, small_tf_predict
@@ -41,8 +41,10 @@ def init_params(model: str, key, *, d: int = 20, n: int = 10, **model_kwargs):
   positional encoding). gpt2: `gpt2.init(key, d=d, max_points=n + 1, **model_kwargs)`."""
   _check_model(model)
   if model == "small_tf":
+    _checks.check_keywords("model_kwargs", model_kwargs, small_tf_init, exclude=("key", "d"))
     return small_tf_init(key, d=d, **model_kwargs)
   model_kwargs.pop("readout", None)  # GPT-2 always reads out linearly
+  _checks.check_keywords("model_kwargs", model_kwargs, _gpt2().init, exclude=("key", "d"))
   model_kwargs.setdefault("max_points", n + 1)
   return _gpt2().init(key, d=d, **model_kwargs)
 
@@ -115,10 +117,7 @@ def make_objective(model: str, *, d: int = 20, n: int = 10, s: int = 3, support=
   # while tracing, without compiling or computing anything.
   jax.eval_shape(lambda k: sample_tasks(k, 1, d=d, n=n, s=s, support=support, noise_std=noise_std),
                  jax.random.key(0))
-  try:
-    jax.eval_shape(init, jax.random.key(0))
-  except TypeError as e:   # an unknown keyword
-    raise ValueError(f"model_kwargs: not accepted by the {model!r} initialiser: {e}") from None
+  jax.eval_shape(init, jax.random.key(0))
 
   def sample(key):
     return sample_tasks(key, batch, d=d, n=n, s=s, support=support, noise_std=noise_std)
@@ -156,7 +155,7 @@ def _prefix_errors_fn(model: str, score_clip=None):
     # every prompt's attention scores, ~2 GB per layer for 4096 prompts of 20 demonstrations.
     per_task = jax.lax.map(lambda t: one(params, *t), (task.X, task.y, task.x_query, task.y_query),
                            batch_size=64)
-    return jnp.mean(per_task, axis=0), median_error(per_task[:, -1])
+    return jnp.mean(per_task, axis=0), median_error(per_task[:, -1]), per_task[:, -1]
 
   return jax.jit(errors)
 
@@ -167,6 +166,8 @@ def evaluate(model: str, params, task: Task, *, score_clip=None) -> dict:
   Returns {"pred_error": mean (y_query - y_hat_query)^2 with all N demonstrations,
            "pred_error_median": the median over tasks of the same (robust to a few exploding
              prompts, which the LayerNorm-free Small TF can produce),
+           "pred_error_ci95": (lo, hi) the bootstrap 95% interval of the mean over tasks
+             (`l2o_jax.metrics.mean_interval`),
            "per_prompt_length": {n: the same mean with only the first n demonstrations, n = 1..N}},
   the Transformer counterpart of `l2o_jax.metrics.per_prompt_length` (same targets).
   score_clip: the Small TF attention-weight cap the params were trained with (`make_objective`).
@@ -179,7 +180,8 @@ def evaluate(model: str, params, task: Task, *, score_clip=None) -> dict:
   # Argument checks, outside jit; eval_shape runs them at trace time without computing anything.
   jax.eval_shape(lambda p, t: predict(model, p, t.X[0], t.y[0], t.x_query[0], score_clip=score_clip),
                  params, task)
-  errs, median = _prefix_errors_fn(model, score_clip)(params, task)
+  errs, median, final = _prefix_errors_fn(model, score_clip)(params, task)
   errs = np.asarray(errs)
   return {"pred_error": float(errs[N]), "pred_error_median": float(median),
+          "pred_error_ci95": mean_interval(final),
           "per_prompt_length": {n: float(errs[n]) for n in range(1, N + 1)}}

@@ -347,6 +347,8 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
                  mlp_hidden: int | None = None, readout: str = "query", rngs=None, params=None,
                  score_clip=None, **init_kw):
       self.score_clip = _checks.check_score_clip(score_clip)
+      _checks.check_keywords("init_kw", init_kw, small_tf_init,
+                             exclude=("key", "d", "num_layers", "num_heads", "mlp_hidden", "readout"))
       if params is None:
         key = rngs.params() if rngs is not None else jax.random.key(0)
         params = small_tf_init(key, d=d, num_layers=num_layers, num_heads=num_heads,
