@@ -74,10 +74,10 @@ def _errors_fn(c, job, params_i):
   if job.family == "tf":
     from l2o_jax import transformer
     clip = runner.score_clip(c, job)
-    pred = jax.jit(jax.vmap(lambda X, y, xq: transformer.predict(job.method, params_i, X, y, xq,
-                                                                 score_clip=clip)[-1]))
-    return lambda t: np.asarray((t.y_query - jax.lax.map(lambda a: pred(*a), (t.X, t.y, t.x_query),
-                                                         batch_size=64).reshape(-1)) ** 2)
+    one = lambda a: transformer.predict(job.method, params_i, *a, score_clip=clip)[-1]
+    # lax.map in chunks of 64 prompts (vmapped inside): bounded memory for 12-layer models.
+    pred = jax.jit(lambda X, y, xq: jax.lax.map(one, (X, y, xq), batch_size=64))
+    return lambda t: np.asarray((t.y_query - pred(t.X, t.y, t.x_query)) ** 2)
   support = job.support if job.lista_method == "lista_vm_ss" else None
   est = jax.jit(jax.vmap(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support)))
   return lambda t: np.asarray((t.y_query - jnp.einsum("bd,bd->b", t.x_query, est(t.X, t.y))) ** 2)

@@ -362,6 +362,8 @@ def test_small_tf_score_clip_reaches_training_and_evaluation():
     runner.validate(c)
     loss = jax.jit(runner.make_objective(c, job)[0].loss)(params, task)
     numbers[clip] = float(loss), runner.evaluate_job(c, job, params, task, full=False)["pred_error"]
+    # experiments.spread's per-task errors (its Transformer path) score the same model.
+    assert spread._errors_fn(c, job, params)(task).mean() == pytest.approx(numbers[clip][1], rel=1e-5)
   for loss, pred_error in numbers.values():
     assert loss == pytest.approx(pred_error, rel=1e-5)   # trained and scored with the same model
   assert abs(numbers[0.05][0] - numbers[0.0][0]) > 1e-3 * numbers[0.0][0]   # the cap binds
