@@ -457,7 +457,8 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   Returns {"pred_error": mean (y_query - x_query^T beta_hat)^2 after the last layer,
   "pred_error_median": the median over tasks of the same, "pred_error_ci95": (lo, hi) the
   bootstrap 95% interval of the mean over tasks (`metrics.mean_interval`: these errors are
-  heavy-tailed), "per_layer": [K floats] the mean after each layer, "beta_nmse_db": 10 log10 of sum ||beta_hat - beta||^2 / sum ||beta||^2}.
+  heavy-tailed), "per_layer": [K floats] the mean after each layer, "beta_nmse_db": 10 log10 of
+  sum ||beta_hat - beta||^2 / sum ||beta||^2}.
   """
   _check_method(method)
   B, n, d = tasks_lib.check_task(task)
