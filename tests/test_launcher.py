@@ -285,6 +285,8 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert sp["methods"]["lista_vm"]["set_means"][1] == pytest.approx(direct["pred_error"], rel=1e-5)
   assert sp["methods"]["lista_vm"]["set_means"][0] != pytest.approx(direct["pred_error"], rel=1e-3)
   assert "| lista_vm |" in spread.table(sp)
+  means = sp["methods"]["lista_vm"]["set_means"]
+  assert f"| lista_vm | 1 of 2 |" in spread.table(sp, below=min(means))
   with pytest.raises(ValueError, match=r"jobs: 'gpt2' is not a job of this run; its jobs are \['lista_vm'\]"):
     spread.spread(str(tmp_path), jobs=["gpt2"])
   # Relaunch: finished jobs are not retrained; a changed config is refused, nothing overwritten.
