@@ -384,3 +384,14 @@ def test_masked_prompt_lengths_equal_truncated_prompts():
 
 if __name__ == "__main__":
   _worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workdir=.", "--sets=0"], "--sets: expected an integer >= 1, got 0"),
+    (["--workdir=.", "--tasks=-5"], "--tasks: expected an integer >= 1 (or 0 for the run's), got -5"),
+    (["--workdir=/nonexistent"], "workdir: /nonexistent has no config.json (not a run directory)"),
+])
+def test_spread_cli_names_the_bad_argument(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    spread.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
