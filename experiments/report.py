@@ -388,6 +388,11 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
         md += table + [f"![]({os.path.relpath(path, out_dir)})", ""]
     if run.get("classical_table"):
       md += ["### Classical baselines", "", run["classical_table"], ""]
+    spread_path = os.path.join(workdir, "spread.json")
+    if os.path.exists(spread_path):   # written by `python -m experiments.spread --workdir=WORKDIR`
+      from experiments import spread
+      out = json.load(open(spread_path))
+      md += ["### Test-set spread (`experiments.spread`)", "", spread.table(out, out.get("below")), ""]
     md += unfinished_table(run)
   md_path = os.path.join(out_dir, "results.md")
   with open(md_path, "w") as f:

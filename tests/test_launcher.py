@@ -287,6 +287,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert "| lista_vm |" in spread.table(sp)
   means = sp["methods"]["lista_vm"]["set_means"]
   assert f"| lista_vm | 1 of 2 |" in spread.table(sp, below=min(means))
+  json.dump({**sp, "below": min(means)}, open(tmp_path / "spread.json", "w"))   # as spread.main writes it
   with pytest.raises(ValueError, match=r"jobs: 'gpt2' is not a job of this run; its jobs are \['lista_vm'\]"):
     spread.spread(str(tmp_path), jobs=["gpt2"])
   # Relaunch: finished jobs are not retrained; a changed config is refused, nothing overwritten.
@@ -305,6 +306,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert "Figure 3" in text and f"{metrics[-1]['test_pred_error']:.4g}" in text
   assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
   assert "Unfinished jobs" not in text
+  assert "### Test-set spread" in text and "| lista_vm | 1 of 2 |" in text
   # Another study launched into the same workdir: results.json and the report keep both, and
   # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
   c.lista.lam = 0.1
