@@ -54,6 +54,8 @@ def trained_params(c, job, workdir: str):
   from l2o_jax import train
   objective, optimizer, steps, *_ = runner.make_objective(c, job)
   like = train.init_states(objective, optimizer, [c.seed + i for i in range(c.seeds)])
+  if steps == 0:      # e.g. layers.steps = 0: the untrained start is what the run scored
+    return like.params
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, job.name, "checkpoints"))
   try:
     restored = ckpt.restore_latest(like)

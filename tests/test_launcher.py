@@ -316,6 +316,8 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   (name, layer_job), = [(k, v) for k, v in out["jobs"].items() if k != "lista_vm"]
   assert layer_job["steps"] == 0 and layer_job["curve"] == [] and np.isfinite(layer_job["pred_error"]["mean"])
   assert checkpoint.Checkpointer(tmp_path / name / "checkpoints").steps() == []
+  sp = spread.spread(str(tmp_path), jobs=[name], sets=1, references=False, log=lambda m: None)
+  assert list(sp["methods"]) == [name] and np.isfinite(sp["methods"][name]["set_means"][0])  # untrained start
   # A job that started but has no results (interrupted, stopped) is listed by the report.
   (tmp_path / "ghost" / "checkpoints").mkdir(parents=True)
   (tmp_path / "ghost" / "metrics.jsonl").write_text(json.dumps({"step": 30, "train_loss": 0.5}) + "\n")
