@@ -609,8 +609,9 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
     out[f"{name}_per_layer"] = [float(e) for e in errs[:c.eval.iters]]
   beta = jax.jit(jax.vmap(lambda X, y: L.lasso(X, y, lam)))(task.X, task.y)
   out["lasso"] = err(beta)
-  out["lasso_median"] = float(L.median_prediction_error(task.y_query, task.x_query, beta))
-  out["lasso_ci95"] = list(L.mean_interval((task.y_query - jnp.einsum("bd,bd->b", task.x_query, beta)) ** 2))
+  lasso_errors = L.prediction_errors(task.y_query, task.x_query, beta)
+  out["lasso_median"] = float(L.median_error(lasso_errors))
+  out["lasso_ci95"] = list(L.mean_interval(lasso_errors))
   out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
   if prompt_lengths:
     out.update(reference_prompt_lengths(c, support=support))
@@ -618,14 +619,20 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
   return out
 
 
+def reference_solvers(c) -> dict:
+  """{"ista", "fista", "lasso"}: single-instance (X, y) -> beta at eval.lam (K = eval.iters)."""
+  lam = c.eval.lam
+  return {"ista": lambda X, y: L.ista(X, y, lam, c.eval.iters),
+          "fista": lambda X, y: L.fista(X, y, lam, c.eval.iters),
+          "lasso": lambda X, y: L.lasso(X, y, lam)}
+
+
 def reference_prompt_lengths(c, *, support=None) -> dict:
   """{ista,fista,lasso}_per_prompt_length: every n in eval.prompt_lengths (also beyond N: the
   solvers take any n) on the prompt-length test set shared with the models."""
-  lam, task = c.eval.lam, prompt_length_tasks(c, support=support)
+  task = prompt_length_tasks(c, support=support)
   out = {}
-  for name, solver in (("ista", lambda X, y: L.ista(X, y, lam, c.eval.iters)),
-                       ("fista", lambda X, y: L.fista(X, y, lam, c.eval.iters)),
-                       ("lasso", lambda X, y: L.lasso(X, y, lam))):
+  for name, solver in reference_solvers(c).items():
     out[f"{name}_per_prompt_length"] = _per_prompt_length_masked(solver, task, _lengths(c))
   return out
 

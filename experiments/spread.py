@@ -73,7 +73,6 @@ def trained_params(c, job, workdir: str):
 def _errors_fn(c, job, params_i):
   """task -> (B,) per-task squared query errors of a trained job (seed slice `params_i`)."""
   import jax
-  import jax.numpy as jnp
   from experiments import runner
   from l2o_jax import lista
   if job.family == "tf":
@@ -84,22 +83,20 @@ def _errors_fn(c, job, params_i):
     pred = jax.jit(lambda X, y, xq: jax.lax.map(one, (X, y, xq), batch_size=64))
     return lambda t: np.asarray((t.y_query - pred(t.X, t.y, t.x_query)) ** 2)
   support = job.support if job.lista_method == "lista_vm_ss" else None
-  est = jax.jit(jax.vmap(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support)))
-  return lambda t: np.asarray((t.y_query - jnp.einsum("bd,bd->b", t.x_query, est(t.X, t.y))) ** 2)
+  return _beta_errors_fn(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support))
+
+
+def _beta_errors_fn(solver):
+  """task -> (B,) per-task squared query errors of a single-instance (X, y) -> beta estimator."""
+  import jax
+  from l2o_jax.metrics import prediction_errors
+  est = jax.jit(jax.vmap(solver))
+  return lambda t: np.asarray(prediction_errors(t.y_query, t.x_query, est(t.X, t.y)))
 
 
 def _reference_fns(c):
-  import jax
-  import jax.numpy as jnp
-  import l2o_jax as L
-  lam, K = c.eval.lam, c.eval.iters
-  out = {}
-  for name, solver in (("ISTA", lambda X, y: L.ista(X, y, lam, K)),
-                       ("FISTA", lambda X, y: L.fista(X, y, lam, K)),
-                       ("LASSO", lambda X, y: L.lasso(X, y, lam))):
-    est = jax.jit(jax.vmap(solver))
-    out[name] = lambda t, est=est: np.asarray((t.y_query - jnp.einsum("bd,bd->b", t.x_query, est(t.X, t.y))) ** 2)
-  return out
+  from experiments import runner
+  return {name.upper(): _beta_errors_fn(solver) for name, solver in runner.reference_solvers(c).items()}
 
 
 def summarise(per_set: list[np.ndarray]) -> dict:

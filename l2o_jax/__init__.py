@@ -9,7 +9,7 @@ checkpoint, distributed.
 from l2o_jax.tasks import Task, sample_tasks, support_mask
 from l2o_jax.ops import soft_threshold, masked_relu_attention, relu_mlp, causal_mask
 from l2o_jax.solvers import ista, fista, lasso, lasso_batch, lasso_implicit, best_subset, duality_gap, lasso_objective, lipschitz, LassoInfo
-from l2o_jax.metrics import (prediction_error, median_error, mean_interval, median_prediction_error, label_error,
+from l2o_jax.metrics import (prediction_error, prediction_errors, median_error, mean_interval, median_prediction_error, label_error,
                              beta_nmse_db, per_prompt_length, batched)
 from l2o_jax import lista
 from l2o_jax.lista import lista_vm, lista_vm_ss, lista_vm_init
@@ -22,7 +22,7 @@ __all__ = [
     "Task", "sample_tasks", "support_mask",
     "soft_threshold", "masked_relu_attention", "relu_mlp", "causal_mask",
     "ista", "fista", "lasso", "lasso_batch", "lasso_implicit", "best_subset", "duality_gap", "lasso_objective", "lipschitz", "LassoInfo",
-    "prediction_error", "median_error", "mean_interval", "median_prediction_error", "label_error", "beta_nmse_db", "per_prompt_length", "batched",
+    "prediction_error", "prediction_errors", "median_error", "mean_interval", "median_prediction_error", "label_error", "beta_nmse_db", "per_prompt_length", "batched",
     "lista", "lista_vm", "lista_vm_ss", "lista_vm_init",
     "transformer", "embed", "beta_slot", "transformer_forward", "construct_lista_vm_transformer",
     "linear_readout", "query_readout", "query_dagger_readout",

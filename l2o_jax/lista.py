@@ -469,7 +469,7 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
   betas = _evaluate(method, params, task.X, task.y, mask)
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
-  errors = (task.y_query - jnp.einsum("bd,bd->b", task.x_query, final)) ** 2
+  errors = metrics.prediction_errors(task.y_query, task.x_query, final)
   return {"pred_error": float(per_layer[-1]), "pred_error_median": float(metrics.median_error(errors)),
           "pred_error_ci95": metrics.mean_interval(errors),
           "per_layer": [float(v) for v in per_layer],

@@ -14,12 +14,18 @@ from l2o_jax.tasks import Task, check_task
 
 def prediction_error(y_query, x_query, beta_hat):
   """Mean over tasks of (y_query - x_query^T beta_hat)^2; shapes (B,), (B, d), (B, d)."""
+  return jnp.mean(prediction_errors(y_query, x_query, beta_hat))
+
+
+def prediction_errors(y_query, x_query, beta_hat):
+  """(B,) per-task (y_query - x_query^T beta_hat)^2 (what `prediction_error` averages; the input
+  of `median_error` and `mean_interval`); shapes (B,), (B, d), (B, d)."""
   B, d = _checks.check_ndim("beta_hat", beta_hat, 2, "(B, d)")
   if _checks.shape_of("x_query", x_query) != (B, d):
     raise ValueError(f"x_query: expected shape ({B}, {d}) to match beta_hat, got {_checks.shape_of('x_query', x_query)}")
   if _checks.shape_of("y_query", y_query) != (B,):
     raise ValueError(f"y_query: expected shape ({B},), got {_checks.shape_of('y_query', y_query)}")
-  return jnp.mean(_squared_errors(y_query, x_query, beta_hat))
+  return _squared_errors(y_query, x_query, beta_hat)
 
 
 def _squared_errors(y_query, x_query, beta_hat):
@@ -60,8 +66,7 @@ def mean_interval(errors, *, level: float = 0.95, resamples: int = 2000, seed: i
 
 def median_prediction_error(y_query, x_query, beta_hat):
   """`prediction_error`'s median counterpart: median over tasks of (y_query - x_query^T beta_hat)^2."""
-  prediction_error(y_query, x_query, beta_hat)   # the same shape checks (cheap: a mean)
-  return median_error(_squared_errors(y_query, x_query, beta_hat))
+  return median_error(prediction_errors(y_query, x_query, beta_hat))
 
 
 def label_error(y_true, y_pred):
