@@ -393,6 +393,8 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
       from experiments import spread
       out = json.load(open(spread_path))
       md += ["### Test-set spread (`experiments.spread`)", "", spread.table(out, out.get("below")), ""]
+      if out.get("tails"):
+        md += ["### Where the mean error comes from (`experiments.spread --tails`)", "", spread.tails_table(out), ""]
     md += unfinished_table(run)
   md_path = os.path.join(out_dir, "results.md")
   with open(md_path, "w") as f:

@@ -1,11 +1,13 @@
 """How far a reported mean error moves between test sets: finished jobs on fresh test sets.
 
   python -m experiments.spread --workdir=DIR [--jobs=lista_vm_ss-support10] [--sets=16] [--tasks=4096]
-                               [--below=0.07]
+                               [--below=0.07] [--tails]
 
-Section 6's per-task errors are heavy-tailed: with N = 10 < d = 20 (and, in Figure 1b, a
-10 x 10 restricted system) a few ill-conditioned X's dominate a test set's mean, so one test set
-of 4096 tasks pins the mean down much less well than its median. For every finished job of DIR
+Section 6's per-task errors are heavy-tailed: a few tasks in a thousand can carry nearly all of a
+test set's mean (for the trained LISTA-VM(-SS), tasks whose X has an unusually large
+lambda_max(X^T X), on which the learned fixed-step iteration of eq. (4.4) diverges; BUILD_NOTES),
+so one test set of 4096 tasks pins the mean down much less well than its median. For every
+finished job of DIR
 (results.json present, or those named in --jobs) this restores the final checkpoint, evaluates
 it on `--sets` independent test sets of `--tasks` tasks (eval seed, salts 100, 101, ...: disjoint
 from the run's own test sets, salts 1-4) and runs ISTA / FISTA (K = eval.iters) and the converged
@@ -13,9 +15,12 @@ LASSO on the same sets. It prints, per method: the mean error of each set summar
 min / median / max over the sets, the pooled mean and median over all sets' tasks, and the
 bootstrap 95% interval (`l2o_jax.metrics.mean_interval`) of the first set's mean, to compare the
 interval one set reports with the spread of the sets; `--below=v` also counts the sets whose mean
-is at most v (e.g. a paper's number) and gives the quartiles of the set means. Writes
-DIR/spread.json, which `experiments.report DIR` then shows as a table. CPU minutes for
-the LISTA family; a 12-layer Transformer takes longer (one forward pass per task).
+is at most v (e.g. a paper's number) and gives the quartiles of the set means. `--tails` shows,
+per trained job over all sets' tasks, where its mean comes from (`tail_summary`): the share of
+the error sum carried by its largest tasks, and its error by lambda_max(X^T X) quantile against
+the LASSO's on the same tasks (large for ill-posed tasks, small for tasks the method alone
+fails). Writes DIR/spread.json, which `experiments.report DIR` then shows as tables. CPU
+minutes for the LISTA family; a 12-layer Transformer takes longer (one forward pass per task).
 """
 from __future__ import annotations
 
@@ -111,8 +116,77 @@ def summarise(per_set: list[np.ndarray]) -> dict:
           "tasks_per_set": int(per_set[0].size), "sets": len(per_set)}
 
 
+def conditioning(X, support=None) -> tuple[np.ndarray, np.ndarray]:
+  """Per task of X (B, n, d): the largest eigenvalue of X^T X and the smallest singular value of X,
+  with X's columns outside `support` zeroed first when it is given (the system LISTA-VM-SS
+  iterates on). lambda_max sets how far a fixed-step iteration such as eq. (4.4) can go before it
+  diverges; sigma_min how ill-posed the instance is (min(n, d) singular values, so the
+  restricted 10 x 10 system of Figure 1b has its own)."""
+  from l2o_jax.tasks import support_mask
+  X = np.asarray(X, np.float64)
+  if support is not None:
+    keep = np.asarray(support_mask(support, X.shape[-1]), bool)
+    X = X[..., keep]
+  sv = np.linalg.svd(X, compute_uv=False)
+  return sv[:, 0] ** 2, sv[:, -1]
+
+
+TAIL_QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+TOP = (1, 10, 100)
+
+
+def tail_summary(errors, lam_max, sigma_min, reference=None, *, worst: int = 5) -> dict:
+  """Where a method's mean error comes from, over tasks with per-task `errors` and the
+  `conditioning` of their X: the share of the error sum carried by its largest 1, 10, 100 and
+  1% of tasks (and the mean without them), and the tasks binned by lambda_max quantile
+  (TAIL_QUANTILES) with the method's mean error, its share of the error sum and, given
+  `reference` (per-task errors of e.g. the converged LASSO on the same tasks), the reference's
+  mean there: a bin where the reference is small but the method is not holds well-posed tasks the
+  method fails on. NaN errors count as +inf (as in `metrics.mean_interval`); with an infinite
+  error the shares are NaN (an infinite sum has no finite split)."""
+  e = np.asarray(errors, np.float64)
+  e = np.where(np.isnan(e), np.inf, e)
+  lam, smin = np.asarray(lam_max, np.float64), np.asarray(sigma_min, np.float64)
+  ref = None if reference is None else np.asarray(reference, np.float64)
+  if not (e.ndim == 1 and lam.shape == e.shape == smin.shape and (ref is None or ref.shape == e.shape)):
+    raise ValueError(f"errors, lam_max, sigma_min, reference: expected equal 1-d shapes, got "
+                     f"{e.shape}, {lam.shape}, {smin.shape}, {None if ref is None else ref.shape}")
+  total = e.sum()
+  share = lambda part: float(part / total) if np.isfinite(total) and total > 0 else (
+      0.0 if total == 0 else float("nan"))
+  order = np.argsort(-e, kind="stable")
+  top = {}
+  for k in (*TOP, max(1, e.size // 100)):
+    k = min(k, e.size)
+    rest = e[order[k:]]
+    top[str(k)] = {"share": share(e[order[:k]].sum()),
+                   "mean_without": float(rest.mean()) if rest.size else float("nan")}
+  edges = np.quantile(lam, TAIL_QUANTILES)
+  # Bins by rank, so ties and the top edge fall in exactly one bin.
+  ranks = np.empty(e.size, np.int64)
+  ranks[np.argsort(lam, kind="stable")] = np.arange(e.size)
+  cuts = [int(round(q * e.size)) for q in TAIL_QUANTILES]
+  bins = []
+  for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+    m = (ranks >= lo) & (ranks < hi)
+    if not m.any():
+      continue
+    bins.append({"quantiles": [TAIL_QUANTILES[i], TAIL_QUANTILES[i + 1]],
+                 "lam_max": [float(lam[m].min()), float(lam[m].max())], "tasks": int(m.sum()),
+                 "mean": float(e[m].mean()), "share": share(e[m].sum()),
+                 "reference_mean": None if ref is None else float(ref[m].mean())})
+  worst_tasks = [{"error": float(e[i]), "lam_max": float(lam[i]), "sigma_min": float(smin[i]),
+                  "reference": None if ref is None else float(ref[i]),
+                  "lam_max_quantile": float(ranks[i] / e.size)} for i in order[:worst]]
+  return {"tasks": int(e.size), "mean": float(e.mean()), "median": float(np.median(e)), "top": top,
+          "bins": bins, "worst": worst_tasks, "lam_max_edges": edges.tolist()}
+
+
 def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
-           references: bool = True, log=print) -> dict:
+           references: bool = True, tails: bool = False, log=print) -> dict:
+  """See the module docstring. tails=True also gives, for each trained job, `tail_summary` over
+  all sets' tasks (with the converged LASSO as the reference when references are on) in
+  out["tails"]."""
   from experiments import runner
   c = load_config(workdir)
   tasks = c.eval.num_tasks if tasks is None else tasks
@@ -125,6 +199,9 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
   if not jobs:
     raise ValueError(f"workdir: {workdir} has no finished job (no <job>/results.json)")
   out = {"workdir": workdir, "salts": [SALT0 + i for i in range(sets)], "methods": {}}
+  if tails:
+    out["tails"] = {}
+  per_task = {}
   with runner.matmul_precision(c):
     for name in jobs:
       job = planned[name]
@@ -134,13 +211,24 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
       for i in range(c.seeds):
         fns[name + (f" (seed {c.seed + i})" if c.seeds > 1 else "")] = _errors_fn(
             c, job, runner._seed_params(params, i))
+      trained = list(fns)
+      suffix = f" (support {job.support})" if job.support else ""
       if references:
-        suffix = f" (support {job.support})" if job.support else ""
         fns.update({k + suffix: f for k, f in _reference_fns(c).items()
                     if k + suffix not in out["methods"]})
       for label, fn in fns.items():
-        out["methods"][label] = summarise([fn(t) for t in test_sets])
+        errors = [fn(t) for t in test_sets]
+        out["methods"][label] = summarise(errors)
+        if tails:
+          per_task[label] = np.concatenate(errors)
         log(f"{label}: done")
+      if tails:
+        # The system the method iterates on: LISTA-VM-SS zeroes X outside the support.
+        ss = job.family == "lista" and job.lista_method == "lista_vm_ss"
+        lam, smin = map(np.concatenate, zip(*(conditioning(t.X, job.support if ss else None)
+                                              for t in test_sets)))
+        for label in trained:
+          out["tails"][label] = tail_summary(per_task[label], lam, smin, per_task.get("LASSO" + suffix))
   return out
 
 
@@ -162,6 +250,27 @@ def table(out: dict, below: float | None = None) -> str:
   return "\n".join(lines)
 
 
+def tails_table(out: dict) -> str:
+  """Markdown for out["tails"] (`spread(..., tails=True)`): per trained job, how much of the error
+  sum its largest tasks carry, and the error by lambda_max(X^T X) quantile."""
+  lines = []
+  for label, t in out.get("tails", {}).items():
+    tops = " / ".join(f"{k}: {v['share']:.3f} ({v['mean_without']:.4g})" for k, v in t["top"].items())
+    lines += [f"**{label}** ({t['tasks']} tasks, mean {t['mean']:.4g}, median {t['median']:.4g}). "
+              f"Share of the error sum carried by its largest k tasks (mean without them): {tops}.", "",
+              "| lambda_max(XᵀX) quantiles | lambda_max | tasks | mean error | share of error sum | LASSO mean |",
+              "|---|---|---:|---:|---:|---:|"]
+    for b in t["bins"]:
+      ref = "" if b["reference_mean"] is None else f"{b['reference_mean']:.4g}"
+      lines.append(f"| {b['quantiles'][0]:g}–{b['quantiles'][1]:g} | {b['lam_max'][0]:.1f}–{b['lam_max'][1]:.1f} "
+                   f"| {b['tasks']} | {b['mean']:.4g} | {b['share']:.3f} | {ref} |")
+    worst = "; ".join(f"{w['error']:.3g} (lambda_max {w['lam_max']:.1f}, sigma_min {w['sigma_min']:.3f}"
+                      + ("" if w["reference"] is None else f", LASSO {w['reference']:.3g}") + ")"
+                      for w in t["worst"])
+    lines += ["", f"Largest errors: {worst}.", ""]
+  return "\n".join(lines).rstrip()
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
@@ -171,6 +280,9 @@ def main(argv=None):
   p.add_argument("--no-references", action="store_true", help="skip ISTA / FISTA / LASSO")
   p.add_argument("--below", type=float, default=None,
                  help="also count the sets whose mean is at most this value (e.g. a paper's number)")
+  p.add_argument("--tails", action="store_true",
+                 help="also show where each trained job's mean comes from: its largest tasks and its "
+                      "error by lambda_max(X^T X) quantile, against the LASSO on the same tasks")
   args = p.parse_args(argv)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's per-restore metadata warnings
@@ -180,13 +292,15 @@ def main(argv=None):
     p.error(f"--tasks: expected an integer >= 1 (or 0 for the run's), got {args.tasks}")
   try:
     out = spread(args.workdir, jobs=[j for j in args.jobs.split(",") if j] or None, sets=args.sets,
-                 tasks=args.tasks or None, references=not args.no_references)
+                 tasks=args.tasks or None, references=not args.no_references, tails=args.tails)
   except ValueError as e:
     p.error(str(e))
   out["below"] = args.below
   with open(os.path.join(args.workdir, "spread.json"), "w") as f:
     json.dump(out, f, indent=1)
   print(table(out, args.below))
+  if args.tails:
+    print("\n" + tails_table(out))
 
 
 if __name__ == "__main__":

@@ -278,8 +278,13 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   lo, hi = (b["mean"] for b in res["pred_error_ci95"])          # the bootstrap interval of the mean
   assert lo < res["pred_error"]["mean"] < hi
   # experiments.spread: the same checkpoint on fresh test sets (salts 100, 101), with references.
-  sp = spread.spread(str(tmp_path), sets=2, log=lambda m: None)
+  sp = spread.spread(str(tmp_path), sets=2, tails=True, log=lambda m: None)
   assert set(sp["methods"]) == {"lista_vm", "ISTA", "FISTA", "LASSO"}
+  tail = sp["tails"]["lista_vm"]      # --tails: the same tasks' errors, binned by lambda_max(X^T X)
+  assert list(sp["tails"]) == ["lista_vm"] and tail["tasks"] == 2 * c.eval.num_tasks
+  assert tail["mean"] == pytest.approx(sp["methods"]["lista_vm"]["pooled_mean"], rel=1e-6)
+  assert sum(b["tasks"] * b["reference_mean"] for b in tail["bins"]) / tail["tasks"] == pytest.approx(
+      sp["methods"]["LASSO"]["pooled_mean"], rel=1e-5)
   fresh = runner.test_tasks(c, c.eval.num_tasks, salt=spread.SALT0 + 1)
   direct = lista.evaluate("lista_vm", jax.tree_util.tree_map(lambda x: x[0], state.params), fresh)
   assert sp["methods"]["lista_vm"]["set_means"][1] == pytest.approx(direct["pred_error"], rel=1e-5)
@@ -307,6 +312,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
   assert "Unfinished jobs" not in text
   assert "### Test-set spread" in text and "| lista_vm | 1 of 2 |" in text
+  assert "### Where the mean error comes from" in text and "**lista_vm** (" in text
   # Another study launched into the same workdir: results.json and the report keep both, and
   # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
   c.lista.lam = 0.1
@@ -399,3 +405,50 @@ def test_spread_cli_names_the_bad_argument(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     spread.main(argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_spread_conditioning_matches_numpy():
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(7, 4, 6)).astype(np.float32)
+  lam, smin = spread.conditioning(X)
+  np.testing.assert_allclose(lam, [np.linalg.eigvalsh(x.T.astype(np.float64) @ x).max() for x in X], rtol=1e-6)
+  np.testing.assert_allclose(smin, [np.linalg.svd(x.astype(np.float64), compute_uv=False)[3] for x in X], rtol=1e-6)
+  # A support keeps only its columns: the restricted system of LISTA-VM-SS.
+  lam_s, smin_s = spread.conditioning(X, support=3)
+  np.testing.assert_allclose(lam_s, [np.linalg.eigvalsh(x[:, :3].T.astype(np.float64) @ x[:, :3]).max() for x in X],
+                             rtol=1e-6)
+  np.testing.assert_allclose(smin_s, [np.linalg.svd(x[:, :3].astype(np.float64), compute_uv=False)[2] for x in X],
+                             rtol=1e-6)
+
+
+def test_spread_tail_summary_against_a_plain_loop():
+  rng = np.random.default_rng(1)
+  n = 2000
+  lam = rng.uniform(10, 80, n)
+  errors = rng.exponential(0.1, n)
+  errors[np.argsort(lam)[-3:]] = [50.0, 500.0, 5000.0]   # blow-ups at the largest lambda_max
+  ref = rng.exponential(0.2, n)
+  t = spread.tail_summary(errors, lam, np.ones(n), ref, worst=3)
+  total = errors.sum()
+  srt = np.sort(errors)[::-1]
+  for k in (1, 10, 100, 20):      # 20 = 1% of the tasks
+    assert t["top"][str(k)]["share"] == pytest.approx(srt[:k].sum() / total)
+    assert t["top"][str(k)]["mean_without"] == pytest.approx(srt[k:].mean())
+  assert [w["error"] for w in t["worst"]] == [5000.0, 500.0, 50.0]
+  assert [b["tasks"] for b in t["bins"]] == [1000, 800, 180, 18, 2]
+  lo = 0
+  order = np.argsort(lam)
+  for b in t["bins"]:
+    idx = order[lo:lo + b["tasks"]]
+    lo += b["tasks"]
+    assert b["mean"] == pytest.approx(errors[idx].mean())
+    assert b["share"] == pytest.approx(errors[idx].sum() / total)
+    assert b["reference_mean"] == pytest.approx(ref[idx].mean())
+    assert b["lam_max"] == pytest.approx([lam[idx].min(), lam[idx].max()])
+  assert t["bins"][-1]["share"] > 0.9 and t["mean"] == pytest.approx(errors.mean())
+  assert "| 0.999–1 |" in spread.tails_table({"tails": {"m": t}})
+  # A NaN task counts as +inf, and shapes must agree.
+  inf = spread.tail_summary([1.0, np.nan], [1.0, 2.0], [1.0, 1.0])
+  assert inf["worst"][0]["error"] == np.inf and np.isnan(inf["top"]["1"]["share"])
+  with pytest.raises(ValueError, match="expected equal 1-d shapes"):
+    spread.tail_summary([1.0, 2.0], [1.0], [1.0, 1.0])
