@@ -30,65 +30,20 @@ import os
 
 import numpy as np
 
+from experiments import trained
+
 SALT0 = 100   # test-set salts SALT0, SALT0 + 1, ...; the run's own sets use 1-4 (runner.test_tasks)
-
-
-def load_config(workdir: str):
-  """The run's resolved config (config.json) over the current defaults, so fields added since
-  the run keep their defaults."""
-  from experiments.configs.base import base
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"workdir: {workdir} has no config.json (not a run directory)")
-  c = base()
-
-  def merge(cfg, values):
-    for k, v in values.items():
-      if isinstance(v, dict) and k in cfg:
-        merge(cfg[k], v)
-      elif k in cfg:
-        cfg[k] = v
-  merge(c, json.load(open(path)))
-  return c
-
-
-def trained_params(c, job, workdir: str):
-  """Parameters (leading seed axis) of a finished job's final checkpoint."""
-  from experiments import runner
-  from l2o_jax import checkpoint as ckpt_lib
-  from l2o_jax import train
-  objective, optimizer, steps, *_ = runner.make_objective(c, job)
-  like = train.init_states(objective, optimizer, [c.seed + i for i in range(c.seeds)])
-  if steps == 0:      # e.g. layers.steps = 0: the untrained start is what the run scored
-    return like.params
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, job.name, "checkpoints"))
-  try:
-    restored = ckpt.restore_latest(like)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ValueError(f"jobs: {job.name} has no checkpoint in {workdir}")
-  state, step = restored
-  if step != steps:
-    raise ValueError(f"jobs: {job.name}'s latest checkpoint is step {step}, not its final {steps} "
-                     "(unfinished: relaunch experiments.main first)")
-  return state.params
 
 
 def _errors_fn(c, job, params_i):
   """task -> (B,) per-task squared query errors of a trained job (seed slice `params_i`)."""
   import jax
-  from experiments import runner
-  from l2o_jax import lista
-  if job.family == "tf":
-    from l2o_jax import transformer
-    clip = runner.score_clip(c, job)
-    one = lambda a: transformer.predict(job.method, params_i, *a, score_clip=clip)[-1]
-    # lax.map in chunks of 64 prompts (vmapped inside): bounded memory for 12-layer models.
-    pred = jax.jit(lambda X, y, xq: jax.lax.map(one, (X, y, xq), batch_size=64))
-    return lambda t: np.asarray((t.y_query - pred(t.X, t.y, t.x_query)) ** 2)
-  support = job.support if job.lista_method == "lista_vm_ss" else None
-  return _beta_errors_fn(lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support))
+  predict, estimate = trained.model(c, job, params_i)
+  if estimate is not None:
+    return _beta_errors_fn(estimate)
+  # lax.map in chunks of 64 prompts (vmapped inside): bounded memory for 12-layer models.
+  pred = jax.jit(lambda X, y, xq: jax.lax.map(lambda a: predict(*a), (X, y, xq), batch_size=64))
+  return lambda t: np.asarray((t.y_query - pred(t.X, t.y, t.x_query)) ** 2)
 
 
 def _beta_errors_fn(solver):
@@ -188,14 +143,11 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
   all sets' tasks (with the converged LASSO as the reference when references are on) in
   out["tails"]."""
   from experiments import runner
-  c = load_config(workdir)
+  c = trained.load_config(workdir)
   tasks = c.eval.num_tasks if tasks is None else tasks
-  planned = {j.name: j for j in runner.plan_jobs(c)}
   if jobs is None:
-    jobs = [n for n in planned if os.path.exists(os.path.join(workdir, n, "results.json"))]
-  for n in jobs:
-    if n not in planned:
-      raise ValueError(f"jobs: {n!r} is not a job of this run; its jobs are {sorted(planned)}")
+    jobs = [j.name for j in runner.plan_jobs(c) if os.path.exists(os.path.join(workdir, j.name, "results.json"))]
+  planned = {n: trained.planned_job(c, n) for n in jobs}
   if not jobs:
     raise ValueError(f"workdir: {workdir} has no finished job (no <job>/results.json)")
   out = {"workdir": workdir, "salts": [SALT0 + i for i in range(sets)], "methods": {}}
@@ -207,11 +159,11 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
       job = planned[name]
       test_sets = [runner.test_tasks(c, tasks, support=job.support, salt=SALT0 + i) for i in range(sets)]
       fns = {}
-      params = trained_params(c, job, workdir)
+      params = trained.trained_params(c, job, workdir)
       for i in range(c.seeds):
         fns[name + (f" (seed {c.seed + i})" if c.seeds > 1 else "")] = _errors_fn(
             c, job, runner._seed_params(params, i))
-      trained = list(fns)
+      trained_labels = list(fns)
       suffix = f" (support {job.support})" if job.support else ""
       if references:
         fns.update({k + suffix: f for k, f in _reference_fns(c).items()
@@ -227,7 +179,7 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
         ss = job.family == "lista" and job.lista_method == "lista_vm_ss"
         lam, smin = map(np.concatenate, zip(*(conditioning(t.X, job.support if ss else None)
                                               for t in test_sets)))
-        for label in trained:
+        for label in trained_labels:
           out["tails"][label] = tail_summary(per_task[label], lam, smin, per_task.get("LASSO" + suffix))
   return out
 

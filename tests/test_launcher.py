@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import report, runner, spread, writers
+from experiments import report, runner, spread, trained, writers
 from experiments.configs import quick
 from l2o_jax import checkpoint, train
 
@@ -295,6 +295,19 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   json.dump({**sp, "below": min(means)}, open(tmp_path / "spread.json", "w"))   # as spread.main writes it
   with pytest.raises(ValueError, match=r"jobs: 'gpt2' is not a job of this run; its jobs are \['lista_vm'\]"):
     spread.spread(str(tmp_path), jobs=["gpt2"])
+  # experiments.trained: the same checkpoint as a model for one's own JAX code.
+  m = trained.load(str(tmp_path), "lista_vm")
+  assert m.seed == 0 and m.job.name == "lista_vm" and m.config.lista.lam == c.lista.lam
+  task = runner.test_tasks(c, c.eval.num_tasks, salt=2)
+  params0 = jax.tree_util.tree_map(lambda x: x[0], state.params)
+  np.testing.assert_allclose(jax.vmap(m.estimate)(task.X, task.y),
+                             jax.vmap(lambda X, y: lista.apply("lista_vm", params0, X, y))(task.X, task.y), rtol=1e-6)
+  pred = jax.vmap(m.predict)(task.X, task.y, task.x_query)
+  assert float(jnp.mean((task.y_query - pred) ** 2)) == pytest.approx(res["pred_error"]["mean"], rel=1e-5)
+  with pytest.raises(ValueError, match=r"seed: expected one of the run's training seeds \[0\], got 3"):
+    trained.load(str(tmp_path), "lista_vm", seed=3)
+  with pytest.raises(ValueError, match=r"jobs: 'small_tf' is not a job of this run"):
+    trained.load(str(tmp_path), "small_tf")
   # Relaunch: finished jobs are not retrained; a changed config is refused, nothing overwritten.
   logs.clear()
   runner.run(c, str(tmp_path), log=logs.append)
