@@ -43,7 +43,7 @@ RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devic
 # Fields added after runs were made, with the value those runs used (a relaunch of an older
 # workdir compares its config.json as if it held them).
 ADDED_FIELDS = {"matmul_precision": "float32", "coordinator_address": "", "num_processes": 0,
-                "process_id": -1, "tf.small_tf_score_clip": 0.0}
+                "process_id": -1, "tf.small_tf_score_clip": 0.0, "lista_train.method_clip_norms": ""}
 # config.matmul_precision -> jax_default_matmul_precision.
 MATMUL_PRECISIONS = {"float32": "highest", "default": None}
 
@@ -148,6 +148,7 @@ def validate(c) -> None:
   _multiple("tf_train.eval_every", tt.eval_every, "tf_train.steps_per_call", tt.steps_per_call)
   _multiple("tf_train.checkpoint_every", tt.checkpoint_every, "tf_train.steps_per_call", tt.steps_per_call)
   method_learning_rates(lt.method_learning_rates)
+  method_clip_norms(lt.method_clip_norms)
   for sec in ("lista_train", "tf_train"):
     _number(f"{sec}.learning_rate", c[sec].learning_rate, strict=True)
     _number(f"{sec}.clip_norm", c[sec].clip_norm)          # 0: off; < 0 would ascend the gradient
@@ -314,30 +315,41 @@ def plan_jobs(c) -> list[Job]:
   return list(jobs.values())
 
 
-def method_learning_rates(spec: str) -> dict[str, float]:
-  """Parses "lista_vm=1e-2,alista=1e-2" (per-method Adam learning rates of the LISTA family)."""
+def _method_numbers(field: str, spec: str, what: str, allow_zero: bool) -> dict[str, float]:
+  """Parses "lista_vm=1e-2,alista=1e-2" into {method: number}, each finite and > 0 (>= 0 with
+  allow_zero), naming `field` in the ConfigError."""
   out = {}
   for item in _split(spec):
     name, sep, value = item.partition("=")
     try:
-      lr = float(value)
+      v = float(value)
     except ValueError:
-      lr = -1.0
-    if not sep or name not in lista.METHODS or not 0 < lr < math.inf:
-      raise ConfigError(f"lista_train.method_learning_rates: expected comma-separated METHOD=LR with METHOD "
-                        f"in {lista.METHODS} and a finite LR > 0, got {item!r}")
-    out[name] = lr
+      v = -1.0
+    if not sep or name not in lista.METHODS or not (0 <= v if allow_zero else 0 < v) or not v < math.inf:
+      raise ConfigError(f"{field}: expected comma-separated METHOD={what} with METHOD in {lista.METHODS} "
+                        f"and a finite {what} {'>= 0' if allow_zero else '> 0'}, got {item!r}")
+    out[name] = v
   return out
 
 
-def score_clip(c, job: Job) -> float | None:
-  """The attention-weight cap of a Small TF job (tf.small_tf_score_clip; 0: none, the paper's)."""
-  return (c.tf.small_tf_score_clip or None) if job.method == "small_tf" else None
+def method_learning_rates(spec: str) -> dict[str, float]:
+  """Parses "lista_vm=1e-2,alista=1e-2" (per-method Adam learning rates of the LISTA family)."""
+  return _method_numbers("lista_train.method_learning_rates", spec, "LR", allow_zero=False)
 
 
-def fixed_X(c) -> jax.Array:
-  """The one measurement matrix of the classical LISTA protocol (shared by all seeds)."""
-  return jax.random.normal(jax.random.fold_in(jax.random.key(c.seed), 7), (c.problem.n, c.problem.d))
+def method_clip_norms(spec: str) -> dict[str, float]:
+  """Parses "lista_vm_ss=10" (per-method gradient-clip norms of the LISTA family; 0: off)."""
+  return _method_numbers("lista_train.method_clip_norms", spec, "CLIP", allow_zero=True)
+
+
+def lista_lr_and_clip(c, job: Job) -> tuple[float, float | None]:
+  """The Adam peak rate and global-norm clip (None: off) a LISTA-family job trains with:
+  lista_train.method_learning_rates / method_clip_norms for its method, else learning_rate /
+  clip_norm."""
+  lt = c.lista_train
+  lr = method_learning_rates(lt.method_learning_rates).get(job.lista_method, lt.learning_rate)
+  clip = method_clip_norms(lt.method_clip_norms).get(job.lista_method, lt.clip_norm)
+  return lr, clip or None
 
 
 def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, int]:
@@ -353,8 +365,8 @@ def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, in
         matrices_per_batch=None if job.protocol == "fixed" else matrices,
         X_fixed=fixed_X(c) if job.protocol == "fixed" else None, lam=c.lista.lam,
         noise_std=p.noise_std)
-    lr = method_learning_rates(lt.method_learning_rates).get(job.lista_method, lt.learning_rate)
-    optimizer = train.make_optimizer(lr, clip_norm=lt.clip_norm or None,
+    lr, clip = lista_lr_and_clip(c, job)
+    optimizer = train.make_optimizer(lr, clip_norm=clip,
                                      decay_steps=steps if lt.cosine_decay else None,
                                      end_lr_factor=lt.end_lr_factor)
     return objective, optimizer, steps, lt.steps_per_call, lt.steps_per_epoch, lt.checkpoint_every

@@ -39,6 +39,8 @@ STEPS, SPC = 40, 5
     ({"tf_train.end_lr_factor": -1.0}, r"tf_train.end_lr_factor: expected a finite number >= 0, got -1.0"),
     ({"tf_train.learning_rate": float("inf")}, r"tf_train.learning_rate: expected a finite number > 0, got inf"),
     ({"lista_train.method_learning_rates": "lista_vm=inf"}, r"method_learning_rates: .* a finite LR > 0, got 'lista_vm=inf'"),
+    ({"lista_train.method_clip_norms": "lista_vm_ss=-1"}, r"method_clip_norms: .* a finite CLIP >= 0, got 'lista_vm_ss=-1'"),
+    ({"lista_train.method_clip_norms": "small_tf=10"}, r"method_clip_norms: expected comma-separated METHOD=CLIP with METHOD in"),
     ({"eval.classical_lams": "0.1,abc"}, r"eval.classical_lams: expected comma-separated numbers >= 0, got '0.1,abc'"),
     ({"eval.classical_lams": "0.1,-1"}, r"eval.classical_lams: expected a finite number >= 0, got -1.0"),
     ({"eval.lam": -1.0}, r"eval.lam: expected a finite number >= 0, got -1.0"),
@@ -465,3 +467,16 @@ def test_spread_tail_summary_against_a_plain_loop():
   assert inf["worst"][0]["error"] == np.inf and np.isnan(inf["top"]["1"]["share"])
   with pytest.raises(ValueError, match="expected equal 1-d shapes"):
     spread.tail_summary([1.0, 2.0], [1.0], [1.0, 1.0])
+
+
+def test_per_method_learning_rates_and_clip_norms():
+  """lista_train.method_learning_rates / method_clip_norms override learning_rate / clip_norm for
+  the methods they name (CLIP 0: no clipping)."""
+  c = tiny_config()
+  c.lista_train.learning_rate, c.lista_train.clip_norm = 1e-3, 1.0
+  c.lista_train.method_learning_rates = "lista_vm_ss=1e-2"
+  c.lista_train.method_clip_norms = "lista_vm_ss=10,lista_vm=0"
+  runner.validate(c)
+  assert runner.lista_lr_and_clip(c, runner.Job("lista_vm_ss", support=3)) == (1e-2, 10.0)
+  assert runner.lista_lr_and_clip(c, runner.Job("lista_vm")) == (1e-3, None)
+  assert runner.lista_lr_and_clip(c, runner.Job("lista_meta")) == (1e-3, 1.0)

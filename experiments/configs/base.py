@@ -62,6 +62,8 @@ def base() -> ml_collections.ConfigDict:
   c.lista_train.cosine_decay = True     # cosine decay of the learning rate over the run
   c.lista_train.end_lr_factor = 0.1     # final learning rate / peak
   c.lista_train.clip_norm = 1.0   # global-norm gradient clipping (0: off)
+  c.lista_train.method_clip_norms = ""   # per-method overrides, e.g. "lista_vm_ss=10": a looser clip
+                                        # trades LISTA-VM(-SS)'s typical error for no diverging tasks (BUILD_NOTES)
   c.lista_train.steps_per_call = 100    # steps fused in one jit call (steps_per_epoch must be a multiple)
   c.lista_train.checkpoint_every = 1000 # steps between checkpoints (a multiple of steps_per_call)
   c.lista_train.skip_nonfinite = False  # True: skip steps with a non-finite loss/gradient instead of stopping
