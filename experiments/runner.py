@@ -352,6 +352,16 @@ def lista_lr_and_clip(c, job: Job) -> tuple[float, float | None]:
   return lr, clip or None
 
 
+def score_clip(c, job: Job) -> float | None:
+  """The attention-weight cap of a Small TF job (tf.small_tf_score_clip; 0: none, the paper's)."""
+  return (c.tf.small_tf_score_clip or None) if job.method == "small_tf" else None
+
+
+def fixed_X(c) -> jax.Array:
+  """The one measurement matrix of the classical LISTA protocol (shared by all seeds)."""
+  return jax.random.normal(jax.random.fold_in(jax.random.key(c.seed), 7), (c.problem.n, c.problem.d))
+
+
 def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, int]:
   """(objective, optimizer, steps, steps_per_call, eval_every, checkpoint_every) of a job."""
   p = c.problem
