@@ -286,6 +286,12 @@ class Job:
   def protocol(self) -> str:
     return "fixed" if self.method in FIXED_X else "meta"
 
+  @property
+  def prior_support(self):
+    """The support prior the method itself applies (LISTA-VM-SS masks X's other columns and its
+    iterate); None for every other method, which sees the support only through its data."""
+    return self.support if self.lista_method == "lista_vm_ss" else None
+
 
 def plan_jobs(c) -> list[Job]:
   """The distinct jobs the config's studies need, in a stable order."""
@@ -468,7 +474,7 @@ def evaluate_job(c, job: Job, params_i, task: L.Task, *, full: bool, fixed_task=
       out["per_prompt_length"] = {int(n): float(v) for n, v in ev["per_prompt_length"].items()
                                   if int(n) in lengths}
     return out
-  support = job.support if job.lista_method == "lista_vm_ss" else None
+  support = job.prior_support
   ev = lista.evaluate(job.lista_method, params_i, task, support=support)
   out = {"pred_error": ev["pred_error"]}
   if not full:

@@ -1,17 +1,16 @@
 """How far a reported mean error moves between test sets: finished jobs on fresh test sets.
 
   python -m experiments.spread --workdir=DIR [--jobs=lista_vm_ss-support10] [--sets=16] [--tasks=4096]
-                               [--below=0.07] [--tails]
+                               [--below=0.07] [--tails [--worst=5]]
 
 Section 6's per-task errors are heavy-tailed: a few tasks in a thousand can carry nearly all of a
 test set's mean (for the trained LISTA-VM(-SS), tasks whose X has an unusually large
 lambda_max(X^T X), on which the learned fixed-step iteration of eq. (4.4) diverges; BUILD_NOTES),
 so one test set of 4096 tasks pins the mean down much less well than its median. For every
-finished job of DIR
-(results.json present, or those named in --jobs) this restores the final checkpoint, evaluates
-it on `--sets` independent test sets of `--tasks` tasks (eval seed, salts 100, 101, ...: disjoint
-from the run's own test sets, salts 1-4) and runs ISTA / FISTA (K = eval.iters) and the converged
-LASSO on the same sets. It prints, per method: the mean error of each set summarised as
+finished job of DIR (results.json present, or those named in --jobs) this restores the final
+checkpoint, evaluates it on `--sets` independent test sets of `--tasks` tasks (eval seed, salts
+100, 101, ...: disjoint from the run's own test sets, salts 1-4) and runs ISTA / FISTA
+(K = eval.iters) and the converged LASSO on the same sets. It prints, per method: the mean error of each set summarised as
 min / median / max over the sets, the pooled mean and median over all sets' tasks, and the
 bootstrap 95% interval (`l2o_jax.metrics.mean_interval`) of the first set's mean, to compare the
 interval one set reports with the spread of the sets; `--below=v` also counts the sets whose mean
@@ -19,7 +18,7 @@ is at most v (e.g. a paper's number) and gives the quartiles of the set means. `
 per trained job over all sets' tasks, where its mean comes from (`tail_summary`): the share of
 the error sum carried by its largest tasks, and its error by lambda_max(X^T X) quantile against
 the LASSO's on the same tasks (large for ill-posed tasks, small for tasks the method alone
-fails). Writes DIR/spread.json, which `experiments.report DIR` then shows as tables. CPU
+fails), and lists its `--worst` largest tasks. Writes DIR/spread.json, which `experiments.report DIR` then shows as tables. CPU
 minutes for the LISTA family; a 12-layer Transformer takes longer (one forward pass per task).
 """
 from __future__ import annotations
@@ -116,7 +115,6 @@ def tail_summary(errors, lam_max, sigma_min, reference=None, *, worst: int = 5) 
     rest = e[order[k:]]
     top[str(k)] = {"share": share(e[order[:k]].sum()),
                    "mean_without": float(rest.mean()) if rest.size else float("nan")}
-  edges = np.quantile(lam, TAIL_QUANTILES)
   # Bins by rank, so ties and the top edge fall in exactly one bin.
   ranks = np.empty(e.size, np.int64)
   ranks[np.argsort(lam, kind="stable")] = np.arange(e.size)
@@ -134,14 +132,14 @@ def tail_summary(errors, lam_max, sigma_min, reference=None, *, worst: int = 5) 
                   "reference": None if ref is None else float(ref[i]),
                   "lam_max_quantile": float(ranks[i] / e.size)} for i in order[:worst]]
   return {"tasks": int(e.size), "mean": float(e.mean()), "median": float(np.median(e)), "top": top,
-          "bins": bins, "worst": worst_tasks, "lam_max_edges": edges.tolist()}
+          "bins": bins, "worst": worst_tasks}
 
 
 def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
-           references: bool = True, tails: bool = False, log=print) -> dict:
+           references: bool = True, tails: bool = False, worst: int = 5, log=print) -> dict:
   """See the module docstring. tails=True also gives, for each trained job, `tail_summary` over
-  all sets' tasks (with the converged LASSO as the reference when references are on) in
-  out["tails"]."""
+  all sets' tasks (its `worst` largest listed; the converged LASSO as the reference when
+  references are on) in out["tails"]."""
   from experiments import runner
   c = trained.load_config(workdir)
   tasks = c.eval.num_tasks if tasks is None else tasks
@@ -176,11 +174,10 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
         log(f"{label}: done")
       if tails:
         # The system the method iterates on: LISTA-VM-SS zeroes X outside the support.
-        ss = job.family == "lista" and job.lista_method == "lista_vm_ss"
-        lam, smin = map(np.concatenate, zip(*(conditioning(t.X, job.support if ss else None)
-                                              for t in test_sets)))
+        lam, smin = map(np.concatenate, zip(*(conditioning(t.X, job.prior_support) for t in test_sets)))
         for label in trained_labels:
-          out["tails"][label] = tail_summary(per_task[label], lam, smin, per_task.get("LASSO" + suffix))
+          out["tails"][label] = tail_summary(per_task[label], lam, smin, per_task.get("LASSO" + suffix),
+                                             worst=worst)
   return out
 
 
@@ -235,16 +232,20 @@ def main(argv=None):
   p.add_argument("--tails", action="store_true",
                  help="also show where each trained job's mean comes from: its largest tasks and its "
                       "error by lambda_max(X^T X) quantile, against the LASSO on the same tasks")
+  p.add_argument("--worst", type=int, default=5, help="with --tails: how many of the largest tasks to list")
   args = p.parse_args(argv)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's per-restore metadata warnings
   if args.sets < 1:
     p.error(f"--sets: expected an integer >= 1, got {args.sets}")
+  if args.worst < 1:
+    p.error(f"--worst: expected an integer >= 1, got {args.worst}")
   if args.tasks < 0:
     p.error(f"--tasks: expected an integer >= 1 (or 0 for the run's), got {args.tasks}")
   try:
     out = spread(args.workdir, jobs=[j for j in args.jobs.split(",") if j] or None, sets=args.sets,
-                 tasks=args.tasks or None, references=not args.no_references, tails=args.tails)
+                 tasks=args.tasks or None, references=not args.no_references, tails=args.tails,
+                 worst=args.worst)
   except ValueError as e:
     p.error(str(e))
   out["below"] = args.below

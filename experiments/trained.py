@@ -90,8 +90,7 @@ def model(c, job, params_i) -> tuple[Callable, Callable | None]:
     return (lambda X, y, x_query: transformer.predict(job.method, params_i, X, y, x_query,
                                                       score_clip=clip)[-1]), None
   from l2o_jax import lista
-  support = job.support if job.lista_method == "lista_vm_ss" else None
-  estimate = lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=support)
+  estimate = lambda X, y: lista.apply(job.lista_method, params_i, X, y, support=job.prior_support)
   return (lambda X, y, x_query: x_query @ estimate(X, y)), estimate
 
 

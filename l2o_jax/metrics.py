@@ -44,9 +44,10 @@ def median_error(errors):
 def mean_interval(errors, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
   """Bootstrap percentile interval of the mean of per-task errors (B,): resample the tasks with
   replacement `resamples` times and take the (1 - level)/2 and (1 + level)/2 quantiles of the
-  resampled means. Section 6's errors are heavy-tailed (a few tasks can carry
-  almost all of the mean; `experiments.spread --tails`), so the interval says how far another test set of the same size could move a reported
-  mean; with very heavy tails it is itself optimistic, a lower bound on that spread.
+  resampled means. Section 6's errors are heavy-tailed (a few tasks can carry almost all of the
+  mean; `experiments.spread --tails`), so the interval says how far another test set of the same
+  size could move a reported mean; with very heavy tails it is itself optimistic, a lower bound
+  on that spread.
   NaN errors count as +inf (an interval of (.., inf)). Host-side NumPy, deterministic in `seed`."""
   _checks.check_ndim("errors", errors, 1, "(B,) of per-task squared errors")
   if not 0 < level < 1:

@@ -414,6 +414,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("argv, message", [
     (["--workdir=.", "--sets=0"], "--sets: expected an integer >= 1, got 0"),
     (["--workdir=.", "--tasks=-5"], "--tasks: expected an integer >= 1 (or 0 for the run's), got -5"),
+    (["--workdir=.", "--tails", "--worst=0"], "--worst: expected an integer >= 1, got 0"),
     (["--workdir=/nonexistent"], "workdir: /nonexistent has no config.json (not a run directory)"),
 ])
 def test_spread_cli_names_the_bad_argument(argv, message, capsys):
