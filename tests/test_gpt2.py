@@ -148,6 +148,41 @@ def test_one_adam_step_lowers_loss(params, task, predict_jit):
                              rtol=1e-5)
 
 
+def test_learns_in_context_copy_task():
+  """Training, not one step: on prompts whose labels all equal one per-prompt constant c ~ N(0, 1),
+  a 1-layer GPT-2 must learn to read c off the earlier y tokens. With no demonstration (the first
+  prediction) nothing reveals c, so its error must stay near E[c^2] = 1: a model that saw its own
+  label (a read-out at the wrong token, a leaky mask) would drive that to 0 too."""
+  d, n, batch, steps = 2, 6, 64, 300
+  params = gpt2.init(jax.random.key(3), d=d, max_points=n + 1, num_layers=1, width=32, num_heads=2)
+  opt = optax.adam(3e-3)
+
+  def sample(key):
+    kx, kc = jax.random.split(key)
+    X = jax.random.normal(kx, (batch, n + 1, d))
+    y = jnp.broadcast_to(jax.random.normal(kc, (batch, 1)), (batch, n + 1))
+    return X[:, :n], y[:, :n], X[:, n], y[:, n]
+
+  @jax.jit
+  def train_and_score(p, key):
+    def step(carry, k):
+      p, s = carry
+      g = jax.grad(lambda p: gpt2.loss(p, *sample(k)))(p)
+      u, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    k_train, k_test = jax.random.split(key)
+    (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), jax.random.split(k_train, steps))
+    errs = []
+    for k in jax.random.split(k_test, 8):   # 512 test prompts
+      X, y, xq, yq = sample(k)
+      errs.append((gpt2.predict_batch(p, X, y, xq) - jnp.concatenate([y, yq[:, None]], 1)) ** 2)
+    return jnp.concatenate(errs).mean(0)
+
+  err = np.asarray(train_and_score(params, jax.random.key(4)))   # (n + 1,): by demonstrations seen
+  assert 0.6 < err[0] < 1.6, err
+  assert np.all(err[2:] < 0.1), err
+
+
 def test_bad_inputs(params, task):
   X, y, xq = task.X, task.y, task.x_query
   with pytest.raises(ValueError, match="X: expected a 3-D"):
