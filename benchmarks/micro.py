@@ -17,6 +17,8 @@
                                              # (default) vs one flat gradient buffer
   taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape (and
                                              # numpy's and torch's for the first shape)
+  python -m benchmarks.micro --only=gemm_devices  # the weight-gradient GEMM on distinct operands,
+                                             # one device vs every device at once
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
                                              # the host split into one device per core, data
                                              # parallel (experiments.main's default): Small TF,
@@ -260,6 +262,35 @@ def bench_gemm_shapes(repeats: int) -> dict:
   return _time(fns, repeats)
 
 
+def bench_gemm_devices(repeats: int, products: int = 50) -> dict:
+  """Small TF's largest GEMM group in the step, the (42x672)(672x168) weight gradient, on distinct
+  operands (not a repeated hot call): `products` of them summed in one program, on one device and
+  on every CPU device at once (shard_map, each device its own operands). Rows are ms per
+  `products` products per device; `taskset -c 0` gives the 1-device row on one core."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from l2o_jax.distributed import data_mesh
+
+  def body(a, b):          # a (1, R, 42, 672), b (1, R, 672, 168): this device's operands
+    acc = a[0, 0] @ b[0, 0]
+    for i in range(1, products):
+      acc = acc + a[0, i] @ b[0, i]
+    return acc[None]
+
+  fns = {}
+  for label, devices in (("1 device", jax.devices()[:1]), (f"{jax.device_count()} devices at once", jax.devices())):
+    mesh = data_mesh(devices)
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data")))
+    n, shard = len(devices), NamedSharding(mesh, P("data"))
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, products, 42, 672)), shard)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, products, 672, 168)), shard)
+    fns[f"{products} x (42x672)(672x168) on distinct operands, {label}: ms per device"] = (
+        lambda f=f, a=a, b=b: f(a, b))
+  return _time(fns, repeats)
+
+
 def bench_devices(repeats: int) -> dict:
   """experiments.main's CPU data parallelism: the same train chunk on devices[:1] and on every
   CPU device (main() splits the host before JAX starts). Rows are ms per train step."""
@@ -283,18 +314,18 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
                  help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, allreduce, "
-                      "gemm_shapes, devices")
+                      "gemm_shapes, gemm_devices, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
-  if {"devices", "small_tf_chunk", "allreduce"} & set(args.only.split(",")):
+  if {"devices", "gemm_devices", "small_tf_chunk", "allreduce"} & set(args.only.split(",")):
     from l2o_jax import distributed
     distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
                  "small_tf_chunk": bench_small_tf_chunk, "allreduce": bench_allreduce,
-                 "gemm_shapes": bench_gemm_shapes,
+                 "gemm_shapes": bench_gemm_shapes, "gemm_devices": bench_gemm_devices,
                  "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
   print("| variant | min ms | median ms |\n|---|---:|---:|")
