@@ -19,6 +19,8 @@
                                              # numpy's and torch's for the first shape)
   python -m benchmarks.micro --only=gemm_devices  # the weight-gradient GEMM on distinct operands,
                                              # one device vs every device at once
+  python -m benchmarks.micro --only=small_tf_rusage  # the default Small TF train chunk: wall and
+                                             # CPU time, page faults and context switches per step
   python -m benchmarks.micro --only=devices  # train chunks (ms per step) on one JAX CPU device vs
                                              # the host split into one device per core, data
                                              # parallel (experiments.main's default): Small TF,
@@ -291,6 +293,30 @@ def bench_gemm_devices(repeats: int, products: int = 50) -> dict:
   return _time(fns, repeats)
 
 
+def bench_small_tf_rusage(repeats: int, steps: int = 10) -> dict:
+  """Where the default Small TF train chunk's time goes at the OS level (getrusage around each
+  call): wall ms, user and system CPU-ms, minor page faults and context switches, each per step.
+  User CPU-ms near (devices x wall ms) means both cores compute throughout; few faults and
+  little system time rule out allocation (fresh pages) and syscalls as a cost."""
+  import resource
+  import jax
+  from benchmarks.run import TRAIN_LR
+  from l2o_jax.transformer import make_objective
+  call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+  rows = {k: [] for k in ("wall ms", "user CPU-ms", "system CPU-ms", "minor page faults",
+                          "voluntary context switches", "involuntary context switches")}
+  for _ in range(repeats):
+    call.reset()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    jax.block_until_ready(call())
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    for k, v in zip(rows, (1e3 * (t1 - t0), 1e3 * (r1.ru_utime - r0.ru_utime), 1e3 * (r1.ru_stime - r0.ru_stime),
+                           r1.ru_minflt - r0.ru_minflt, r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw)):
+      rows[k].append(v / steps)
+  return {f"Small TF train chunk, batch 64, {jax.device_count()} devices: {k} per step": (min(v), statistics.median(v))
+          for k, v in rows.items()}
+
+
 def bench_devices(repeats: int) -> dict:
   """experiments.main's CPU data parallelism: the same train chunk on devices[:1] and on every
   CPU device (main() splits the host before JAX starts). Rows are ms per train step."""
@@ -314,11 +340,11 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
                  help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, allreduce, "
-                      "gemm_shapes, gemm_devices, devices")
+                      "gemm_shapes, gemm_devices, small_tf_rusage, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
-  if {"devices", "gemm_devices", "small_tf_chunk", "allreduce"} & set(args.only.split(",")):
+  if {"devices", "gemm_devices", "small_tf_chunk", "small_tf_rusage", "allreduce"} & set(args.only.split(",")):
     from l2o_jax import distributed
     distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
@@ -326,9 +352,10 @@ def main(argv=None):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
                  "small_tf_chunk": bench_small_tf_chunk, "allreduce": bench_allreduce,
                  "gemm_shapes": bench_gemm_shapes, "gemm_devices": bench_gemm_devices,
+                 "small_tf_rusage": bench_small_tf_rusage,
                  "devices": bench_devices}[name](args.repeats))
   print(f"device: {jax.devices()[0].device_kind}; repeats {args.repeats}\n")
-  print("| variant | min ms | median ms |\n|---|---:|---:|")
+  print("| variant (ms unless it names another unit) | min | median |\n|---|---:|---:|")
   for k, (lo, med) in rows.items():
     print(f"| {k} | {lo:.1f} | {med:.1f} |")
 
