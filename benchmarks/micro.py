@@ -270,8 +270,6 @@ def bench_gemm_devices(repeats: int, products: int = 50) -> dict:
   on every CPU device at once (shard_map, each device its own operands). Rows are ms per
   `products` products per device; `taskset -c 0` gives the 1-device row on one core."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from l2o_jax.distributed import data_mesh
 
