@@ -15,6 +15,9 @@
                                              # times it: 2 (default), 1 and 3 causal blocks
   python -m benchmarks.micro --only=allreduce # the same chunk: psum of the gradient pytree
                                              # (default) vs one flat gradient buffer
+  python -m benchmarks.micro --only=microbatch # the same chunk: one backward pass per device
+                                             # (default) vs gradient accumulation over 2 or 4
+                                             # micro-batches
   taskset -c 0 python -m benchmarks.micro --only=gemm_shapes  # XLA:CPU GEMM time by shape (and
                                              # numpy's and torch's for the first shape)
   python -m benchmarks.micro --only=gemm_devices  # the weight-gradient GEMM on distinct operands,
@@ -212,19 +215,83 @@ def bench_allreduce(repeats: int, steps: int = 10) -> dict:
   the gradient all-reduce of `distributed.mean_value_and_grad` (a psum of the gradient pytree,
   which XLA combines into one tuple all-reduce) against one flat buffer (ravel + concatenate, the
   former design). Rows are ms per train step."""
+  from l2o_jax import distributed
+  fns = _chunks_with_value_and_grad(
+      {"all-reduce: psum of the gradient pytree (default)": distributed.mean_value_and_grad,
+       "all-reduce: one flat buffer (ravel + concatenate)": _flat_mean_value_and_grad}, steps)
+  return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
+
+
+def _microbatch_mean_value_and_grad(parts: int, rolled: bool):
+  """`distributed.mean_value_and_grad` with each device's shard cut into `parts` micro-batches
+  whose gradients are summed before the one psum (gradient accumulation), so each backward pass
+  works on 1/parts of the activations (more of them stay in the core's L2). `rolled`: a lax.scan
+  over the parts; else unrolled, each part sequenced after the previous by an optimization
+  barrier (otherwise XLA may interleave them and lose the locality)."""
+  import jax
+  import jax.numpy as jnp
+  from l2o_jax import distributed
+
+  def split(x, i=None):
+    if jnp.ndim(x) == 0:
+      return x
+    x = x.reshape((parts, x.shape[0] // parts) + x.shape[1:])
+    return x if i is None else x[i]
+
+  def mean_value_and_grad(loss, params, batch, *, mesh):
+    size = mesh.devices.size
+
+    def local(params, batch):
+      vg = jax.value_and_grad(loss)
+      if rolled:
+        def body(acc, part):
+          return jax.tree_util.tree_map(jnp.add, acc, vg(params, part)), None
+        zero = jax.tree_util.tree_map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params))
+        acc = jax.lax.scan(body, zero, jax.tree_util.tree_map(split, batch))[0]
+      else:
+        acc = None
+        for i in range(parts):
+          part = jax.tree_util.tree_map(lambda x: split(x, i), batch)
+          if acc is not None:
+            part, acc = jax.lax.optimization_barrier((part, acc))
+          out = vg(params, part)
+          acc = out if acc is None else jax.tree_util.tree_map(jnp.add, acc, out)
+      value, grads = jax.lax.psum(acc, distributed.AXIS)
+      return value / (size * parts), jax.tree_util.tree_map(lambda g: g / (size * parts), grads)
+
+    return distributed.per_device(local, params, batch, mesh=mesh)
+
+  return mean_value_and_grad
+
+
+def _chunks_with_value_and_grad(variants: dict, steps: int) -> dict:
+  """{label: distributed.mean_value_and_grad replacement} -> {row: call} of the default Small TF
+  train chunk (batch 64, every CPU device), each traced with its replacement."""
   import jax
   from benchmarks.run import TRAIN_LR
   from l2o_jax import distributed
   from l2o_jax.transformer import make_objective
   default, fns = distributed.mean_value_and_grad, {}
-  for label, fn in (("psum of the gradient pytree (default)", default),
-                    ("one flat buffer (ravel + concatenate)", _flat_mean_value_and_grad)):
+  for label, fn in variants.items():
     distributed.mean_value_and_grad = fn   # read by data_parallel, inside _chunk_call
     try:
       call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
     finally:
       distributed.mean_value_and_grad = default
-    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices, all-reduce: {label}, ms per step"] = call
+    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices, {label}, ms per step"] = call
+  return fns
+
+
+def bench_microbatch(repeats: int, steps: int = 10) -> dict:
+  """The Small TF train chunk with each device's 32 prompts in one backward pass (default)
+  against gradient accumulation over 2 or 4 micro-batches (`_microbatch_mean_value_and_grad`):
+  does cache residency of the smaller activations pay for the extra, smaller GEMMs?"""
+  from l2o_jax import distributed
+  variants = {"whole shard (default)": distributed.mean_value_and_grad}
+  for parts, rolled in ((2, True), (2, False), (4, True)):
+    variants[f"{parts} micro-batches, {'rolled scan' if rolled else 'unrolled'}"] = \
+        _microbatch_mean_value_and_grad(parts, rolled)
+  fns = _chunks_with_value_and_grad(variants, steps)
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
 
 
@@ -338,17 +405,18 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default="dense,gpt2,update,small_tf",
                  help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, allreduce, "
-                      "gemm_shapes, gemm_devices, small_tf_rusage, devices")
+                      "microbatch, gemm_shapes, gemm_devices, small_tf_rusage, devices")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
   import jax
-  if {"devices", "gemm_devices", "small_tf_chunk", "small_tf_rusage", "allreduce"} & set(args.only.split(",")):
+  if {"devices", "gemm_devices", "small_tf_chunk", "small_tf_rusage", "allreduce", "microbatch"} & set(args.only.split(",")):
     from l2o_jax import distributed
     distributed.set_cpu_devices(max(2, distributed.usable_cores()))   # before any JAX computation
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
                  "small_tf_chunk": bench_small_tf_chunk, "allreduce": bench_allreduce,
+                 "microbatch": bench_microbatch,
                  "gemm_shapes": bench_gemm_shapes, "gemm_devices": bench_gemm_devices,
                  "small_tf_rusage": bench_small_tf_rusage,
                  "devices": bench_devices}[name](args.repeats))

@@ -216,6 +216,22 @@ def test_micro_benchmark_flat_all_reduce_matches_the_default():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_micro_benchmark_micro_batches_match_the_default():
+  # benchmarks.micro --only=microbatch times gradient accumulation over micro-batches against the
+  # default (one backward pass per shard): the mean loss and gradients must be the same.
+  from benchmarks import micro
+  mesh = distributed.data_mesh(jax.devices()[:1])
+  params = OBJ.init(jax.random.key(0))
+  batch = OBJ.sample(jax.random.key(1))
+  variants = (distributed.mean_value_and_grad, micro._microbatch_mean_value_and_grad(2, True),
+              micro._microbatch_mean_value_and_grad(4, False))
+  (loss, grads), *others = jax.jit(lambda p, b: [f(OBJ.loss, p, b, mesh=mesh) for f in variants])(params, batch)
+  for other_loss, other_grads in others:
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(other_grads), jax.tree_util.tree_leaves(grads), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_batch_specs_split_instance_leaves_only():
   # Instance leaves (leading size B = 16) are split, scalars replicated. A leaf shared by all
   # instances (here a (4, 3) matrix, whose leading size also divides by the device count) would
