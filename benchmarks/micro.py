@@ -225,7 +225,7 @@ def bench_allreduce(repeats: int, steps: int = 10) -> dict:
 def _microbatch_mean_value_and_grad(parts: int, rolled: bool):
   """`distributed.mean_value_and_grad` with each device's shard cut into `parts` micro-batches
   whose gradients are summed before the one psum (gradient accumulation), so each backward pass
-  works on 1/parts of the activations (more of them stay in the core's L2). `rolled`: a lax.scan
+  works on 1/parts of the activations, which then might stay in the core's L2. `rolled`: a lax.scan
   over the parts; else unrolled, each part sequenced after the previous by an optimization
   barrier (otherwise XLA may interleave them and lose the locality)."""
   import jax
