@@ -172,23 +172,31 @@ def _chunk_call(objective, lr, steps, devices):
   return call
 
 
+def _small_tf_chunk_call(steps):
+  """(row prefix, call) of the Small TF train chunk as benchmarks.run times it (query loss,
+  batch 64, every CPU device data parallel). Module-level switches it reads
+  (`small_tf.CPU_CAUSAL_BLOCKS`, `distributed.mean_value_and_grad`) take effect here."""
+  import jax
+  from benchmarks.run import TRAIN_LR
+  from l2o_jax.transformer import make_objective
+  call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+  return f"Small TF train chunk, batch 64, {jax.device_count()} devices", call
+
+
 def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
   """The Small TF train chunk (query loss, batch 64, every CPU device data parallel, as
   experiments.main and benchmarks.run train it) with the attention's query tokens in 1, 2 (the
   CPU default) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`). Rows are ms per train step."""
-  import jax
-  from benchmarks.run import TRAIN_LR
-  from l2o_jax.transformer import make_objective
   from l2o_jax.transformer import small_tf as stf
   default, fns = stf.CPU_CAUSAL_BLOCKS, {}
   for blocks in (default, 1, 3):
     stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call, in _chunk_call)
     try:
-      call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+      prefix, call = _small_tf_chunk_call(steps)
     finally:
       stf.CPU_CAUSAL_BLOCKS = default
     label = f"{blocks} causal block{'s' * (blocks > 1)}{' (default)' * (blocks == default)}"
-    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices: {label}, ms per step"] = call
+    fns[f"{prefix}: {label}, ms per step"] = call
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
 
 
@@ -246,7 +254,7 @@ def _microbatch_mean_value_and_grad(parts: int, rolled: bool):
       if rolled:
         def body(acc, part):
           return jax.tree_util.tree_map(jnp.add, acc, vg(params, part)), None
-        zero = jax.tree_util.tree_map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params))
+        zero = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
         acc = jax.lax.scan(body, zero, jax.tree_util.tree_map(split, batch))[0]
       else:
         acc = None
@@ -267,18 +275,15 @@ def _microbatch_mean_value_and_grad(parts: int, rolled: bool):
 def _chunks_with_value_and_grad(variants: dict, steps: int) -> dict:
   """{label: distributed.mean_value_and_grad replacement} -> {row: call} of the default Small TF
   train chunk (batch 64, every CPU device), each traced with its replacement."""
-  import jax
-  from benchmarks.run import TRAIN_LR
   from l2o_jax import distributed
-  from l2o_jax.transformer import make_objective
   default, fns = distributed.mean_value_and_grad, {}
   for label, fn in variants.items():
     distributed.mean_value_and_grad = fn   # read by data_parallel, inside _chunk_call
     try:
-      call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+      prefix, call = _small_tf_chunk_call(steps)
     finally:
       distributed.mean_value_and_grad = default
-    fns[f"Small TF train chunk, batch 64, {jax.device_count()} devices, {label}, ms per step"] = call
+    fns[f"{prefix}, {label}, ms per step"] = call
   return fns
 
 
@@ -365,9 +370,7 @@ def bench_small_tf_rusage(repeats: int, steps: int = 10) -> dict:
   little system time rule out allocation (fresh pages) and syscalls as a cost."""
   import resource
   import jax
-  from benchmarks.run import TRAIN_LR
-  from l2o_jax.transformer import make_objective
-  call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
+  prefix, call = _small_tf_chunk_call(steps)
   rows = {k: [] for k in ("wall ms", "user CPU-ms", "system CPU-ms", "minor page faults",
                           "voluntary context switches", "involuntary context switches")}
   for _ in range(repeats):
@@ -378,7 +381,7 @@ def bench_small_tf_rusage(repeats: int, steps: int = 10) -> dict:
     for k, v in zip(rows, (1e3 * (t1 - t0), 1e3 * (r1.ru_utime - r0.ru_utime), 1e3 * (r1.ru_stime - r0.ru_stime),
                            r1.ru_minflt - r0.ru_minflt, r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw)):
       rows[k].append(v / steps)
-  return {f"Small TF train chunk, batch 64, {jax.device_count()} devices: {k} per step": (min(v), statistics.median(v))
+  return {f"{prefix}: {k} per step": (min(v), statistics.median(v))
           for k, v in rows.items()}
 
 
