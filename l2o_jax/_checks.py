@@ -85,10 +85,26 @@ def check_keywords(name: str, kwargs: dict, fn, *, exclude=()) -> None:
     raise ValueError(f"{name}: unknown keyword(s) {unknown}; {where} accepts {accepted}")
 
 
+def _dtype_source(a):
+  # A Python list or tuple is an array-like whose dtype NumPy infers (jnp.result_type rejects it);
+  # Python scalars stay as they are, so they keep JAX's weak typing.
+  return np.asarray(a) if isinstance(a, (list, tuple)) else a
+
+
 def float_dtype(*arrays):
   """The floating dtype the numerics run in: the arrays' common type, at least float32 (ints and
-  bools become float32; float64 stays float64 under `jax.enable_x64`)."""
-  return jnp.result_type(*arrays, jnp.float32)
+  bools become float32; float64 stays float64 under `jax.enable_x64`). Array-likes (lists) count
+  as the NumPy arrays they make."""
+  return jnp.result_type(*map(_dtype_source, arrays), jnp.float32)
+
+
+def as_float(*arrays, like=()) -> tuple:
+  """The arrays (or array-likes) as jax arrays of one floating dtype (`float_dtype` of them and of
+  the arrays in `like`, e.g. a model's parameters, which are not converted), so integer data is
+  not truncated by float weights (a 1/i mask cast to int is 0) and a `lax.scan` carry keeps one
+  type. Call it after the shape checks, which name the argument."""
+  dtype = float_dtype(*arrays, *jax.tree_util.tree_leaves(like))
+  return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
 def check_instance(X, y) -> tuple[int, int]:

@@ -466,7 +466,7 @@ def evaluate(method: str, params, task, *, support=None) -> dict[str, Any]:
     raise ValueError(f"support: only 'lista_vm_ss' takes a support prior, got support={support!r}")
   _check_params(method, params, n, d)
   mask = jnp.asarray(tasks_lib.support_mask(support, d))
-  betas = _evaluate(method, params, task.X, task.y, mask)
+  betas = _evaluate(method, params, *_as_float(params, task.X, task.y), mask)
   per_layer = per_layer_prediction_error(betas, task)
   final = betas[:, -1]
   errors = metrics.prediction_errors(task.y_query, task.x_query, final)

@@ -25,7 +25,7 @@ def prediction_errors(y_query, x_query, beta_hat):
     raise ValueError(f"x_query: expected shape ({B}, {d}) to match beta_hat, got {_checks.shape_of('x_query', x_query)}")
   if _checks.shape_of("y_query", y_query) != (B,):
     raise ValueError(f"y_query: expected shape ({B},), got {_checks.shape_of('y_query', y_query)}")
-  return _squared_errors(y_query, x_query, beta_hat)
+  return _squared_errors(*_checks.as_float(y_query, x_query, beta_hat))
 
 
 def _squared_errors(y_query, x_query, beta_hat):
@@ -36,8 +36,9 @@ def median_error(errors):
   """Median over tasks of per-task squared errors (B,); a NaN (an overflowed prediction) counts
   as +inf, the worst error, instead of poisoning the median. Robust to a few exploding tasks,
   whose squared errors dominate the mean."""
-  _checks.check_ndim("errors", errors, 1, "(B,) of per-task squared errors")
-  errors = jnp.asarray(errors)
+  if _checks.check_ndim("errors", errors, 1, "(B,) of per-task squared errors") == (0,):
+    raise ValueError("errors: expected at least one task, got shape (0,)")
+  errors, = _checks.as_float(errors)
   return jnp.median(jnp.where(jnp.isnan(errors), jnp.inf, errors))
 
 
@@ -75,7 +76,8 @@ def label_error(y_true, y_pred):
   y_pred must have the same shape (no broadcasting: a (B, 1) prediction against (B,) labels is
   an error, not a (B, B) mean)."""
   _same_shape("y_pred", y_pred, "y_true", y_true)
-  return jnp.mean((jnp.asarray(y_true) - jnp.asarray(y_pred)) ** 2)
+  y_true, y_pred = _checks.as_float(y_true, y_pred)
+  return jnp.mean((y_true - y_pred) ** 2)
 
 
 def _same_shape(name, a, ref_name, ref):
@@ -87,6 +89,7 @@ def _same_shape(name, a, ref_name, ref):
 def beta_nmse_db(beta_hat, beta):
   """10 log10( sum ||beta_hat - beta||^2 / sum ||beta||^2 ) over the batch, in dB."""
   _same_shape("beta_hat", beta_hat, "beta", beta)
+  beta_hat, beta = _checks.as_float(beta_hat, beta)
   return 10.0 * jnp.log10(jnp.sum((beta_hat - beta) ** 2) / jnp.sum(beta ** 2))
 
 
@@ -108,6 +111,8 @@ def per_prompt_length(estimate: Callable, task: Task, lengths: Iterable[int] | N
   """
   _, N, _ = check_task(task)
   lengths = list(range(1, N + 1)) if lengths is None else list(lengths)
+  if not lengths:
+    raise ValueError(f"lengths: expected at least one prompt length in [1, {N}], got none")
   for n in lengths:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= N:
       raise ValueError(f"lengths: expected every n in [1, {N}] (the task's demonstrations), got {n}")

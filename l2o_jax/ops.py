@@ -36,8 +36,11 @@ def soft_threshold(x, theta):
 
 
 def causal_mask(T: int, dtype=jnp.float32) -> jax.Array:
-  """mask(.) of Definition 3.1 as a (T, T) matrix: entry (j, i) is 1/i for j <= i (1-indexed)."""
+  """mask(.) of Definition 3.1 as a (T, T) matrix: entry (j, i) is 1/i for j <= i (1-indexed).
+  dtype must be floating: the weights 1/i would round to 0 in an integer type."""
   T = _checks.check_positive_int("T", T, minimum=0)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype: expected a floating dtype for the 1/i weights, got {jnp.dtype(dtype).name}")
   j = jnp.arange(T)[:, None]
   i = jnp.arange(T)[None, :]
   return jnp.where(j <= i, 1.0 / (i + 1.0), 0.0).astype(dtype)
@@ -54,6 +57,10 @@ def _stack_heads(heads, D: int):
     for m, h in enumerate(heads):
       if len(h) != 3:
         raise ValueError(f"heads[{m}]: expected a (V, Q, K) triple, got {len(h)} items")
+      for name, A in zip("VQK", h):
+        if _checks.shape_of(f"heads[{m}]", A) != (D, D):
+          raise ValueError(f"heads[{m}]: expected {name} of shape ({D}, {D}) for H with D={D} rows, "
+                           f"got {_checks.shape_of(f'heads[{m}]', A)}")
     V = jnp.stack([h[0] for h in heads])
     Q = jnp.stack([h[1] for h in heads])
     K = jnp.stack([h[2] for h in heads])
@@ -63,8 +70,9 @@ def _stack_heads(heads, D: int):
     shape = _checks.shape_of(f"heads['{name}']", A)
     if len(shape) != 3 or shape[1:] != (D, D):
       raise ValueError(f"heads['{name}']: expected shape (M, {D}, {D}) for H with D={D} rows, got {shape}")
-  if not (Q.shape[0] == K.shape[0] == V.shape[0]):
-    raise ValueError(f"heads: expected the same number of heads in Q, K, V, got {Q.shape[0]}, {K.shape[0]}, {V.shape[0]}")
+  counts = [_checks.shape_of("heads", A)[0] for A in (Q, K, V)]
+  if len(set(counts)) != 1:
+    raise ValueError(f"heads: expected the same number of heads in Q, K, V, got {', '.join(map(str, counts))}")
   return Q, K, V
 
 
@@ -85,7 +93,7 @@ def masked_relu_attention(H, heads, *, score_clip=None):
   D, T = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
   score_clip = _checks.check_score_clip(score_clip)
   Q, K, V = _stack_heads(heads, D)
-  return _attention(H, Q, K, V, score_clip)
+  return _attention(*_checks.as_float(H, Q, K, V), score_clip)
 
 
 def attention_weights(scores, score_clip=None):
@@ -233,7 +241,7 @@ def relu_mlp(H, W1, W2, b):
     raise ValueError(f"W2: expected shape ({D}, {Dh}), got {w2}")
   if _checks.shape_of("b", b) != (Dh,):
     raise ValueError(f"b: expected shape ({Dh},), got {_checks.shape_of('b', b)}")
-  return _mlp(H, W1, W2, b)
+  return _mlp(*_checks.as_float(H, W1, W2, b))
 
 
 def _mlp(H, W1, W2, b):

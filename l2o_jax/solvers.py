@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -220,8 +222,9 @@ def _lasso_solution_jvp(primals, tangents):
 def _tol_for(dtype, tol):
   if tol is None:
     tol = 1e-10 if dtype == jnp.float64 else 1e-5
-  if not tol > 0:
-    raise ValueError(f"tol: expected a positive float, got {tol}")
+  # inf would certify beta = 0 after no iteration; True would silently mean 1.0.
+  if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < math.inf:
+    raise ValueError(f"tol: expected a finite float > 0, got {tol!r}")
   return float(tol)
 
 

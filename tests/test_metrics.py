@@ -68,6 +68,8 @@ def test_per_prompt_length_uses_first_n():
     L.per_prompt_length(est, t, lengths=[2.7])          # not silently n = 2
   with pytest.raises(ValueError, match="task: expected an l2o_jax.Task"):
     L.per_prompt_length(est, tuple(t), lengths=[1])
+  with pytest.raises(ValueError, match=r"lengths: expected at least one prompt length"):
+    L.per_prompt_length(est, t, lengths=[])               # not silently {}
   with pytest.raises(ValueError, match=r"task.y_query: expected shape \(256,\)"):
     L.per_prompt_length(est, t._replace(y_query=t.y_query[:5]), lengths=[1])
 
@@ -81,6 +83,8 @@ def test_label_error_and_nmse_do_not_broadcast():
     L.beta_nmse_db(np.ones((4, 1)), np.ones(4))
   with pytest.raises(ValueError, match=r"errors: expected a 1-D array"):
     L.median_error(np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r"errors: expected at least one task"):
+    L.median_error(np.ones(0))
 
 
 def test_median_errors_count_nan_as_worst():

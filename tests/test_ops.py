@@ -98,6 +98,9 @@ def test_relu_mlp_matches_loop():
     (lambda: L.soft_threshold(np.ones(3), np.ones((2, 3))), r"theta: .* got \(2, 3\)"),
     (lambda: L.causal_mask(-1), "T: expected an integer >= 0"),
     (lambda: L.causal_mask(2.5), "T: expected an integer >= 0"),
+    (lambda: L.causal_mask(3, jnp.int32), "dtype: expected a floating dtype"),   # 1/i would be 0
+    (lambda: L.masked_relu_attention(np.ones((4, 3)), [(np.eye(4), np.eye(4), np.eye(3))]),
+     r"heads\[0\]: expected K of shape \(4, 4\)"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):

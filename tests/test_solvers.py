@@ -126,6 +126,8 @@ def test_best_subset_recovers_noiseless_beta():
     (lambda X, y: L.fista(X, y, np.ones(2), 3), "lam: expected a scalar"),
     (lambda X, y: L.lasso(X, y, -1.0), "lam"),
     (lambda X, y: L.lasso(X, y, 0.1, tol=0.0), "tol"),
+    (lambda X, y: L.lasso(X, y, 0.1, tol=float("inf")), "tol: expected a finite float > 0, got inf"),
+    (lambda X, y: L.lasso(X, y, 0.1, tol=True), "tol: expected a finite float > 0, got True"),
     (lambda X, y: L.lasso(X, y[:, None], 0.1), "y: expected a 1-D array"),
     (lambda X, y: L.lasso_objective(X, y, np.ones((20, 1)), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
     (lambda X, y: L.duality_gap(X, y, np.ones(19), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
@@ -316,7 +318,8 @@ def test_lasso_batch_homotopy_float32_certified_and_matches_fista():
     (dict(method="cd"), "method: expected 'homotopy' or 'fista'"),
     (dict(max_steps=0), "max_steps: expected an integer >= 1"),
     (dict(chunk=0), "chunk: expected an integer >= 1"),
-    (dict(tol=-1.0), "tol: expected a positive float"),
+    (dict(tol=-1.0), "tol: expected a finite float > 0"),
+    (dict(tol=float("inf")), "tol: expected a finite float > 0, got inf"),   # would certify beta = 0
     (dict(lam=-0.1), "lam: expected values >= 0"),
     (dict(lam=np.ones(2)), "lam: expected a scalar"),
 ])

@@ -85,6 +85,7 @@ def test_jit_and_determinism():
     (dict(batch=4, support=np.array([0, 0, 1])), "support: expected distinct"),
     (dict(batch=4, X=np.zeros((5, 20))), r"X: expected shape \(n, d\) = \(10, 20\), got \(5, 20\)"),
     (dict(batch=4, X=np.zeros((10,))), "X: expected a 2-D array"),
+    (dict(batch=4, X=np.full((10, 20), np.nan)), "X: expected finite entries"),
     (dict(batch=4, noise_std=-1.0), "noise_std"),
     (dict(batch=4, x_std=np.ones(3)), "x_std"),
     (dict(batch=2.5), "batch"),

@@ -336,3 +336,34 @@ def test_small_tf_init_scales():
                     (m["W2"], 0.3 / np.sqrt(Dh * Lyr)), (p["V"], 1 / np.sqrt(Dm * d))):
     np.testing.assert_allclose(np.asarray(arr).std(), want, rtol=0.2)
   np.testing.assert_array_equal(m["b"], 0.0)
+
+
+def test_integer_and_list_inputs_run_in_float(tf_params):
+  # Integer or list data must give the float result, not a truncated one (the 1/i mask cast to an
+  # integer dtype is 0 after the first token; GPT-2's y token took X's integer dtype).
+  from l2o_jax import masked_relu_attention
+  from l2o_jax.transformer import gpt2
+  rng = np.random.default_rng(0)
+  # Integer X and x_query with fractional labels: GPT-2's y token must not take X's dtype.
+  Xi, yi, qi = rng.integers(-2, 3, (N, d)), rng.integers(-2, 3, N) + 0.5, rng.integers(-2, 3, d)
+  as_f32 = lambda *a: [np.asarray(v, np.float32) for v in a]
+  Hi = np.asarray(embed(*as_f32(Xi, yi, qi))).astype(np.int64)
+  attn = {k: v[0] for k, v in tf_params["body"]["attn"].items()}
+  g2 = jax.jit(lambda k: gpt2.init(k, d=d, max_points=N + 1, num_layers=1, width=16, num_heads=2))(
+      jax.random.key(0))
+  Xt = np.vstack([Xi, qi[None]])
+  calls = {
+      "attention": (lambda H: masked_relu_attention(H, attn), (Hi,)),
+      "transformer_forward": (lambda H: transformer_forward(tf_params["body"], H), (Hi,)),
+      "small_tf_predict": (lambda X, y, q: small_tf_predict(tf_params, X, y, q), (Xi, yi, qi)),
+      "gpt2.predict": (lambda X, y, q: gpt2.predict(g2, X, y, q), (Xi, yi, qi)),
+      "query_readout": (lambda H, Xt: query_readout(jnp.ones((D, d)), H, Xt), (Hi, Xt)),
+      "query_dagger_readout": (query_dagger_readout, (Hi, Xt)),
+      "linear_readout": (lambda H: linear_readout(jnp.ones(D), H), (Hi,)),
+  }
+  for name, (fn, args) in calls.items():
+    ref = np.asarray(fn(*as_f32(*args)))
+    for kind, given in (("int", args), ("list", [a.tolist() for a in args])):   # "int": X, H
+      got = fn(*given)
+      assert got.dtype == jnp.float32, (name, kind, got.dtype)
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{name}, {kind} input")

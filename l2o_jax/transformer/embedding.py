@@ -54,10 +54,12 @@ def embed(X, y, x_query) -> jax.Array:
     x_query: (d,) the query x_{N+1}.
   """
   N, d = _checks.check_instance(X, y)
+  if d == 0:
+    raise ValueError(f"X: expected d >= 1 columns (eq. 4.2 has 2d + 2 rows), got shape {(N, d)}")
   q = _checks.check_ndim("x_query", x_query, 1, f"(d,) = ({d},)")
   if q != (d,):
     raise ValueError(f"x_query: expected shape ({d},) to match X's {d} columns, got {q}")
-  return _embed(X, y, x_query)
+  return _embed(*_checks.as_float(X, y, x_query))
 
 
 def _embed(X, y, x_query):

@@ -146,6 +146,7 @@ def _check_batch(params, X, y, x_query):
 
 def tokens(X, y, x_query):
   """The interleaved prompt (Garg et al. `_combine`): (B, 2n + 1, d) = x_1, [y_1, 0..], ..., x_{n+1}."""
+  X, y, x_query = _checks.as_float(X, y, x_query)   # y's token takes X's dtype: not an int one
   B, n, d = X.shape
   y_tok = jnp.zeros_like(X).at[..., 0].set(y)
   pairs = jnp.stack([X, y_tok], axis=2).reshape(B, 2 * n, d)
@@ -224,6 +225,7 @@ def predict_batch(params, X, y, x_query, *, attention: str = "einsum", unroll: i
   _check_batch(params, X, y, x_query)
   if attention not in ("einsum", "xla", "cudnn"):
     raise ValueError(f"attention: expected 'einsum', 'xla' or 'cudnn', got {attention!r}")
+  X, y, x_query = _checks.as_float(X, y, x_query, like=params)
   return _predict_batch(params, X, y, x_query, attention=attention, unroll=unroll, remat=remat)
 
 
@@ -236,6 +238,7 @@ def predict(params, X, y, x_query, *, attention: str = "einsum"):
   q_shape = _checks.check_ndim("x_query", x_query, 1, f"(d,) = ({d},) matching X")
   if q_shape != (d,):
     raise ValueError(f"x_query: expected shape ({d},) to match X {(n, d)}, got {q_shape}")
+  X, y, x_query = _checks.as_float(X, y, x_query, like=params)
   return predict_batch(params, X[None], y[None], x_query[None], attention=attention)[0]
 
 

@@ -37,7 +37,8 @@ def x_tilde(X, x_query) -> jax.Array:
   if _checks.shape_of("x_query", x_query) != (d,):
     raise ValueError(f"x_query: expected shape ({d},) to match X's {d} columns, got "
                      f"{_checks.shape_of('x_query', x_query)}")
-  return jnp.concatenate([X, jnp.asarray(x_query)[None]], axis=0)
+  X, x_query = _checks.as_float(X, x_query)
+  return jnp.concatenate([X, x_query[None]], axis=0)
 
 
 def linear_readout(v, H_out) -> jax.Array:
@@ -45,7 +46,7 @@ def linear_readout(v, H_out) -> jax.Array:
   D, _, _ = _check_H(H_out)
   if _checks.shape_of("v", v) != (D,):
     raise ValueError(f"v: expected shape ({D},) to match H_out's {D} rows, got {_checks.shape_of('v', v)}")
-  return _linear(v, H_out)
+  return _linear(*_checks.as_float(v, H_out))
 
 
 def _linear(v, H_out):
@@ -61,7 +62,7 @@ def query_readout(V, H_out, X_tilde) -> jax.Array:
   if _checks.shape_of("V", V) != (D, d):
     raise ValueError(f"V: expected shape (D, d) = ({D}, {d}), got {_checks.shape_of('V', V)}")
   _check_X_tilde(X_tilde, N, d)
-  return _query(V, H_out, X_tilde)
+  return _query(*_checks.as_float(V, H_out, X_tilde))
 
 
 def _query(V, H_out, X_tilde):
@@ -82,7 +83,7 @@ def query_dagger_readout(H_out, X_tilde) -> jax.Array:
   """
   _, N, d = _check_H(H_out)
   _check_X_tilde(X_tilde, N, d)
-  return _query_dagger(H_out, X_tilde)
+  return _query_dagger(*_checks.as_float(H_out, X_tilde))
 
 
 def _query_dagger(H_out, X_tilde):

@@ -71,6 +71,7 @@ def transformer_forward(params, H, *, return_all: bool = False, score_clip=None)
   shape = _checks.check_ndim("H", H, 2, "(D, T) with tokens as columns")
   if shape[0] != D:
     raise ValueError(f"H: expected {D} rows to match params (D = {D}), got shape {shape}")
+  H, = _checks.as_float(H, like=params)
   return _forward(params, H, return_all=return_all, score_clip=_checks.check_score_clip(score_clip))
 
 
@@ -292,8 +293,9 @@ def small_tf_predict(params, X, y, x_query, *, score_clip=None) -> jax.Array:
   score_clip = _checks.check_score_clip(score_clip)
   H = embed(X, y, x_query)  # checks X, y, x_query
   if H.shape[0] != model_dim(d):
-    raise ValueError(f"X: expected d = {d} columns to match params (D = {model_dim(d)}), got {X.shape[1]}")
-  return _predict(params, X, y, x_query, score_clip)
+    raise ValueError(f"X: expected d = {d} columns to match params (D = {model_dim(d)}), got "
+                     f"{_checks.shape_of('X', X)[1]}")
+  return _predict(params, *_checks.as_float(X, y, x_query, like=params), score_clip)
 
 
 def _predict(params, X, y, x_query, score_clip=None):
