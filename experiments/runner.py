@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -117,9 +118,14 @@ def validate(c) -> None:
     _positive(f"problem.{f}", p[f])
   if p.s > p.d:
     raise ConfigError(f"problem.s: expected s <= problem.d={p.d} (at most d nonzeros), got {p.s}")
-  if not p.noise_std >= 0:
-    raise ConfigError(f"problem.noise_std: expected >= 0, got {p.noise_std}")
+  _number("problem.noise_std", p.noise_std)
   _positive("seeds", c.seeds)
+  # jax.random.key takes a 64-bit seed; seeds seed .. seed + seeds - 1 are trained.
+  for f, low, high in (("seed", c.seed, c.seed + c.seeds - 1), ("eval.seed", c.eval.seed, c.eval.seed)):
+    if isinstance(low, bool) or not isinstance(low, int) or low < -2 ** 63 or high >= 2 ** 63:
+      raise ConfigError(f"{f}: expected an integer whose seeds fit in 64 bits (jax.random.key), "
+                        f"got {low!r}" + (f" (seeds up to {high})" if high != low else ""))
+  _number("log_every_s", c.log_every_s)
   for study in ("fig1a", "fig1b", "fig2", "fig3"):
     _choices(f"{study}.methods", _split(c[study].methods), METHODS)
   _positive("fig1b.support", c.fig1b.support)
@@ -134,6 +140,7 @@ def validate(c) -> None:
   for k in ks:
     _positive("layers.ks", k)
   _positive("layers.steps", c.layers.steps, 0)
+  _number("layers.bound", c.layers.bound, strict=True)   # the construction's B (Appendix C)
   _positive("lista.num_layers", c.lista.num_layers)
   lt = c.lista_train
   for f in ("steps", "batch", "matrices_per_batch", "steps_per_epoch", "steps_per_call", "checkpoint_every"):
@@ -209,6 +216,9 @@ def cpu_device_count(c, workdir: str | None = None) -> int:
   trained on (`DEVICES_FILE`): a resumed job must keep it to continue its exact trajectory, and
   the automatic count depends on the cores this process may use (e.g. under `taskset`)."""
   _positive("cpu_devices", c.cpu_devices, 0)
+  for f in ("tf_train.batch", "lista_train.batch"):   # read below, before `validate` runs
+    sec, name = f.split(".")
+    _positive(f, c[sec][name])
   if c.cpu_devices:
     return c.cpu_devices
   recorded = unfinished_job_devices(workdir) if workdir else None
@@ -619,6 +629,17 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
 # References (no training): ISTA / FISTA / LASSO / oracle, and the classical table.
 
 
+# The oracle solves every S-subset of the support for every test task at once (vmap): at the
+# paper's C(20, 3) = 1,140 that is ~0.6 GB for 4,096 tasks; far beyond it, it would exhaust
+# memory after all the training, so larger settings leave it out (noted in results.json).
+ORACLE_MAX_SUPPORTS = 5000
+
+
+def oracle_supports(c, support=None) -> int:
+  """C(|support| or d, S): least-squares solves per task of the exhaustive-support oracle."""
+  return math.comb(support or c.problem.d, c.problem.s)
+
+
 def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict:
   """ISTA, FISTA (K = eval.iters, or every K in `ks`), converged LASSO and the oracle."""
   p, lam = c.problem, c.eval.lam
@@ -640,7 +661,11 @@ def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict
   lasso_errors = L.prediction_errors(task.y_query, task.x_query, beta)
   out["lasso_median"] = float(L.median_error(lasso_errors))
   out["lasso_ci95"] = list(L.mean_interval(lasso_errors))
-  out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
+  if oracle_supports(c, support) <= ORACLE_MAX_SUPPORTS:
+    out["oracle"] = err(jax.jit(jax.vmap(lambda X, y: L.best_subset(X, y, p.s, support)))(task.X, task.y))
+  else:
+    out["oracle_skipped"] = (f"C({support or p.d}, {p.s}) = {oracle_supports(c, support):,} supports per task, "
+                             f"over {ORACLE_MAX_SUPPORTS:,}")
   if prompt_lengths:
     out.update(reference_prompt_lengths(c, support=support))
   out["lam"], out["iters"] = lam, c.eval.iters
@@ -684,7 +709,8 @@ def classical(c, workdir: str, log) -> str:
   from experiments import classical as classical_lib
   lams = classical_lams(c)
   rows = classical_lib.classical_rows(seed=c.eval.seed, num_tasks=c.eval.num_tasks, lams=lams,
-                                      num_iters=c.eval.iters, d=c.problem.d, n=c.problem.n, s=c.problem.s)
+                                      num_iters=c.eval.iters, d=c.problem.d, n=c.problem.n, s=c.problem.s,
+                                      include_oracle=oracle_supports(c) <= ORACLE_MAX_SUPPORTS)
   table = classical_lib.format_table(rows, num_iters=c.eval.iters)
   writers.write_json(os.path.join(workdir, "classical.json"), rows)
   with open(os.path.join(workdir, "classical.md"), "w") as f:
@@ -712,8 +738,13 @@ def check_workdir(c, workdir: str, log) -> None:
       raise ConfigError(
           f"workdir: {workdir} holds a run with a different config (fields {', '.join(diff)}); its "
           "checkpoints and results would not match. Use a new --workdir (or the old config).")
-    if old != new:
-      os.replace(path, os.path.join(workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}.json"))
+  if jax.process_index() != 0:
+    return   # with several processes (whose process_id differs) one writes, or they would race
+  if os.path.exists(path) and json.load(open(path)) != new:
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
+    while os.path.exists(backup := os.path.join(workdir, f"config.{stamp}{f'-{n}' if n else ''}.json")):
+      n += 1
+    shutil.copyfile(path, backup)   # a copy: config.json never disappears for another reader
   writers.write_json(path, new)
 
 
@@ -747,7 +778,9 @@ def _run(c, workdir, log):
   t0 = time.time()
   with train.StopOnSignal() as stop:
     for job in plan_jobs(c):
-      out = run_job(c, job, workdir, mesh=mesh, stop=stop, log=log)
+      # A signal during the previous job's last chunk or final evaluation: that job finished,
+      # and starting the next one (compiling, a whole chunk) would outlast a scheduler's grace.
+      out = None if stop() else run_job(c, job, workdir, mesh=mesh, stop=stop, log=log)
       if out is None:
         log(f"stopped by signal {stop.signum}; checkpoints saved; relaunch the same command to resume")
         return None

@@ -69,16 +69,16 @@ def trained_params(c, job, workdir: str):
     return like.params
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, job.name, "checkpoints"))
   try:
-    restored = ckpt.restore_latest(like)
+    # Read-only: the final step itself, never `restore_latest`, which moves a step that fails
+    # to restore aside (a passing read error would then cost a finished job its final state).
+    have = ckpt.steps()
+    if steps not in have:
+      raise ValueError(f"jobs: {job.name} has no final checkpoint (step {steps}) in {workdir}; steps "
+                       f"there: {have or 'none'}" + (" (unfinished: relaunch experiments.main first)"
+                                                     if not have or max(have) < steps else ""))
+    return ckpt.restore(like, steps).params
   finally:
     ckpt.close()
-  if restored is None:
-    raise ValueError(f"jobs: {job.name} has no checkpoint in {workdir}")
-  state, step = restored
-  if step != steps:
-    raise ValueError(f"jobs: {job.name}'s latest checkpoint is step {step}, not its final {steps} "
-                     "(unfinished: relaunch experiments.main first)")
-  return state.params
 
 
 def model(c, job, params_i) -> tuple[Callable, Callable | None]:

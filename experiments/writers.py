@@ -199,9 +199,11 @@ class JsonlWriter:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if truncate_after_step is not None and os.path.exists(path):
       # A resumed run recomputes the steps after its checkpoint; drop their stale lines.
+      # Through a temporary file and a rename: a kill mid-write must not lose the whole curve.
       keep = [line for line in read_jsonl(path) if line.get("step", 0) <= truncate_after_step]
-      with open(path, "w") as f:
+      with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in keep)
+      os.replace(path + ".tmp", path)
     self.path = path
     self._f = open(path, "a")
 

@@ -12,14 +12,21 @@ The only module that imports orbax. Design:
   or optimizer) raises `CheckpointMismatchError` and is left untouched: that is a wrong
   relaunch, not a damaged file, and moving good checkpoints aside would lose the run.
 - A latest step that fails to restore (truncated or corrupted files) is moved aside to
-  `corrupt-<step>-<time>` with a warning and the previous step is tried; it is never deleted
-  and never silently overwritten (orbax skips saving a step that already exists, so a corrupt
-  step left in place would also block the resumed run from saving it again).
+  `corrupt-<step>-<time>` with a warning once an older step has restored cleanly; it is never
+  deleted and never silently overwritten (orbax skips saving a step that already exists, so a
+  corrupt step left in place would also block the resumed run from saving it again). When no
+  step restores, nothing is moved and the error is raised: a failure that every step shares (an
+  I/O error, too many open files, no memory) is not corruption, and moving them all aside would
+  restart a long run from step 0.
+- `save(..., extra={...})` keeps a small JSON dict beside a step (`extra/<step>.json`, written
+  before the step itself), for host-side training state that is not an array (`train.fit`'s
+  count of consecutive skipped steps); `extra(step)` reads it back ({} when absent).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import sys
 import time
@@ -35,6 +42,10 @@ from l2o_jax import _checks
 
 class CheckpointMismatchError(ValueError):
   """The stored state does not have the template's structure, shapes or dtypes."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Checkpoints exist but none of them could be restored (nothing was moved aside)."""
 
 
 class Checkpointer:
@@ -67,8 +78,9 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def save(self, state, *, step: int | None = None) -> int:
-    """Saves `state` under `step` (default: its step counter) and returns that step.
+  def save(self, state, *, step: int | None = None, extra: dict | None = None) -> int:
+    """Saves `state` under `step` (default: its step counter) and returns that step; `extra`, a
+    JSON-serialisable dict, is kept beside it (`extra(step)`).
 
     Raises FileExistsError rather than overwrite an existing step with different contents.
     """
@@ -76,9 +88,35 @@ class Checkpointer:
     if step in self._manager.all_steps():
       raise FileExistsError(f"checkpoint step {step} already exists in {self.directory}; "
                             "refusing to overwrite it")
+    if extra is not None and jax.process_index() == 0:
+      # Before the step: a step on disk then always has its extra (a kill in between leaves an
+      # extra without a step, which nothing reads).
+      os.makedirs(self._extra_dir, exist_ok=True)
+      path = os.path.join(self._extra_dir, f"{step}.json")
+      with open(path + ".tmp", "w") as f:
+        json.dump(extra, f)
+      os.replace(path + ".tmp", path)
     self._manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=True)
     self._manager.wait_until_finished()
+    if jax.process_index() == 0 and os.path.isdir(self._extra_dir):
+      kept = set(self._manager.all_steps())
+      for name in os.listdir(self._extra_dir):   # those of steps orbax no longer keeps
+        stem = name.split(".")[0]
+        if stem.isdigit() and int(stem) not in kept and int(stem) < step:
+          os.remove(os.path.join(self._extra_dir, name))
     return step
+
+  @property
+  def _extra_dir(self) -> str:
+    return os.path.join(self.directory, "extra")
+
+  def extra(self, step: int) -> dict:
+    """The `extra` dict saved with `step`, or {} (none saved, or an older checkpoint)."""
+    try:
+      with open(os.path.join(self._extra_dir, f"{int(step)}.json")) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
 
   def restore(self, like, step: int):
     """Restores step `step` into the structure, shapes, dtypes and shardings of `like`.
@@ -93,30 +131,41 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     return _from_tree(restored, like)
 
-  def restore_latest(self, like):
-    """(state, step) from the newest step that restores cleanly, or None if there is none.
+  def restore_latest(self, like, *, quarantine: bool = True):
+    """(state, step) from the newest step that restores cleanly, or None if there are no steps.
 
-    Steps that fail to restore are moved aside with a warning (see the module docstring).
+    Newer steps that fail to restore are moved aside with a warning once an older one has
+    restored (see the module docstring); with `quarantine=False` (read-only use, e.g. analysis)
+    they are only warned about. Raises CheckpointRestoreError, moving nothing, when no step
+    restores.
     """
     with _quiet_abandoned_reads():
-      return self._restore_latest(like)
+      return self._restore_latest(like, quarantine)
 
-  def _restore_latest(self, like):
+  def _restore_latest(self, like, quarantine: bool):
+    failed = []   # (step, failure) of newer steps that did not restore
     for step in reversed(self.steps()):
       try:
         state = self.restore(like, step)
         if _state_step(state) != step:
           raise ValueError(f"stored step counter {_state_step(state)} != directory step {step}")
-        return state, step
       except CheckpointMismatchError:
         raise   # readable but for another run: the caller's mistake, the files stay where they are
       except Exception as e:  # any other failure to read a step means it is unusable
-        failure = f"{type(e).__name__}: {str(e)[:200]}"
-      gc.collect()   # the failed reads, while _quiet_abandoned_reads filters their tracebacks
-      moved = self._quarantine(step)
-      warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored "
-                    f"({failure}); moved it to {moved} and falling back to the previous checkpoint",
-                    RuntimeWarning, stacklevel=3)
+        failed.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
+        gc.collect()   # the failed reads, while _quiet_abandoned_reads filters their tracebacks
+        continue
+      for bad, failure in failed:
+        where = f"moved it to {self._quarantine(bad)}" if quarantine else "left in place"
+        warnings.warn(f"checkpoint step {bad} in {self.directory} could not be restored "
+                      f"({failure}); {where}; using step {step}", RuntimeWarning, stacklevel=3)
+      return state, step
+    if failed:
+      raise CheckpointRestoreError(
+          f"no checkpoint in {self.directory} could be restored, so none was moved aside (a "
+          f"failure they all share, such as an I/O error, is not corruption): "
+          + "; ".join(f"step {s}: {f}" for s, f in failed)
+          + ". Fix the cause and relaunch, or move the steps away to start over")
     return None
 
   def _check_matches(self, step: int, like) -> None:

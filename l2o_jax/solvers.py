@@ -674,6 +674,9 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
   return LassoInfo(jnp.asarray(beta), jnp.asarray(gap), jnp.asarray(iters), jnp.asarray(gap <= threshold))
 
 
+BEST_SUBSET_MAX = 10 ** 6   # subsets per instance; the list alone would take minutes beyond it
+
+
 def best_subset(X, y, s: int, support=None):
   """Exhaustive-support oracle: least squares on every S-subset of the support prior, keeping
   the subset with the smallest residual (best-subset selection, the L0 problem LASSO relaxes).
@@ -685,6 +688,9 @@ def best_subset(X, y, s: int, support=None):
   n, d = _checks.check_instance(X, y)
   s = _checks.check_positive_int("s", s)
   idx = support_indices(support, d, s)
+  if math.comb(idx.size, s) > BEST_SUBSET_MAX:
+    raise ValueError(f"s: best_subset solves every S-subset of the support, C({idx.size}, {s}) = "
+                     f"{math.comb(idx.size, s):,} here; expected at most {BEST_SUBSET_MAX:,}")
   subsets = np.array(list(itertools.combinations(idx.tolist(), s)), np.int32)
   dtype = _checks.float_dtype(X, y)
   return _best_subset(jnp.asarray(X, dtype), jnp.asarray(y, dtype), jnp.asarray(subsets))

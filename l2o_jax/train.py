@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -325,6 +326,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   if place is not None:
     state = place(state)
   start = 0
+  run_at_start = np.zeros(len(seeds), np.int64)
   if checkpointer is not None:
     restored = checkpointer.restore_latest(state)
     if restored is not None:
@@ -333,6 +335,11 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
                          f"trained with other seeds than {seeds} (its data keys differ); use that "
                          "run's seeds or another directory")
       state, start = restored
+      # The streak of consecutive skipped steps at that step, so a streak cut by the restart
+      # stops the run where an uninterrupted run would (saved beside each checkpoint).
+      saved_run = checkpointer.extra(start).get("skipped_in_a_row")
+      if saved_run is not None and len(saved_run) == len(seeds):
+        run_at_start = np.asarray(saved_run, np.int64)
       if log_fn:
         log_fn(f"resumed from checkpoint step {start} in {checkpointer.directory}")
   if start > num_steps:
@@ -340,7 +347,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
   chunks: dict[int, Callable] = {}
   losses, t0, last_log, done_at_start, first_chunk_end = [], time.time(), 0.0, start, None
   skipped = 0
-  run = np.zeros(len(seeds), np.int64)   # per seed: consecutive skipped steps up to `step`
+  run = run_at_start   # per seed: consecutive skipped steps up to `step`
   step = start
   for end in chunk_boundaries(start, num_steps, steps_per_call, eval_every, checkpoint_every):
     length = end - step
@@ -368,7 +375,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
     step = end
     if on_chunk is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
       on_chunk(step, state, metrics)
-    stop = should_stop() if should_stop is not None else False
+    stop = _agree(should_stop()) if should_stop is not None else False
     if checkpointer is not None and (stop or step == num_steps or
                                      (checkpoint_every and step % checkpoint_every == 0)):
       if step not in checkpointer.steps():
@@ -377,7 +384,7 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
         if not bool(_tree_finite(state.params)):
           raise NonFiniteLossError(step, f"non-finite parameters after step {step}; not saved; "
                                    f"stopped; {_last_good(checkpointer)}")
-        checkpointer.save(state)
+        checkpointer.save(state, extra={"skipped_in_a_row": run.tolist()})
     now = time.time()
     if first_chunk_end is None:
       # Rates exclude the first chunk, which includes compilation.
@@ -401,6 +408,16 @@ def fit(objective: Objective, optimizer: optax.GradientTransformation, num_steps
       # A stop requested during the last chunk still leaves a finished run.
       return FitResult(state, _cat(losses, len(seeds)), start, step < num_steps, skipped)
   return FitResult(state, _cat(losses, len(seeds)), start, False, skipped)
+
+
+def _agree(stop: bool) -> bool:
+  """Whether any process asks to stop. Each process polls its own signal flag, and a signal can
+  reach them on either side of a chunk boundary: one process entering the checkpoint save while
+  another enters the next chunk's all-reduce would wait for each other forever."""
+  if jax.process_count() == 1:
+    return bool(stop)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([stop], np.int32))))
 
 
 def finite_mean(losses) -> np.ndarray:
@@ -433,7 +450,8 @@ def _fmt_seconds(s: float) -> str:
 class StopOnSignal:
   """Context manager: SIGTERM / SIGINT set a flag (call the object) instead of killing the process,
   so the training loop can save a checkpoint at the next chunk boundary and exit cleanly. A
-  second SIGINT raises KeyboardInterrupt as usual."""
+  second SIGINT raises KeyboardInterrupt as usual; a second SIGTERM (a scheduler's or
+  `timeout`'s follow-up) gets the handler that was there before, by default termination."""
 
   def __init__(self):
     self.signum = None
@@ -446,6 +464,14 @@ class StopOnSignal:
     import signal
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
+    if self.signum is not None and signum == signal.SIGTERM:
+      old = self._old.get(signum) or signal.SIG_DFL   # None: a handler not set from Python
+      signal.signal(signum, old)
+      if callable(old):
+        old(signum, frame)
+      elif old == signal.SIG_DFL:   # terminate as without a handler (SIG_IGN: ignore it)
+        os.kill(os.getpid(), signum)
+      return
     self.signum = signum
 
   def __enter__(self):

@@ -114,6 +114,9 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, reference):
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   like = train.init_states(OBJ, OPT, (0,))
+  with pytest.warns(RuntimeWarning, match="step 30 .* could not be restored .*; left in place; using step 20"):
+    state, step = ckpt.restore_latest(like, quarantine=False)   # read-only use: nothing moves
+  assert step == 20 and ckpt.steps() == [10, 20, 30]
   with pytest.warns(RuntimeWarning, match="step 30 .* could not be restored"):
     state, step = ckpt.restore_latest(like)
   assert step == 20 and int(state.step[0]) == 20
@@ -125,6 +128,25 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, reference):
     final = run_fit(tmp_path)
   assert final.resumed_from == 20
   assert_bitwise(final.state, reference)
+
+
+def test_no_restorable_step_raises_and_moves_nothing(tmp_path):
+  # When every step fails (as an I/O error or exhausted file handles would make them), that is
+  # not corruption: moving them all aside used to restart the run from step 0.
+  run_fit(tmp_path, num_steps=20)
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  for step in ("10", "20"):
+    for root, _, files in os.walk(tmp_path / step / "default"):
+      for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  try:
+    with pytest.raises(checkpoint.CheckpointRestoreError, match=r"none was moved aside.*step 20: .*step 10: "):
+      ckpt.restore_latest(train.init_states(OBJ, OPT, (0,)))
+    assert ckpt.steps() == [10, 20]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("corrupt-")]
+  finally:
+    ckpt.close()
 
 
 def test_missing_data_file_falls_back_without_stray_tracebacks(tmp_path):
@@ -180,7 +202,7 @@ def test_relaunch_with_other_settings_is_refused_and_keeps_the_checkpoints(tmp_p
                   steps_per_call=SPC, checkpointer=ckpt, log_fn=None)
     finally:
       ckpt.close()
-  assert sorted(os.listdir(tmp_path)) == ["10"]
+  assert sorted(os.listdir(tmp_path)) == ["10", "extra"]   # extra: train.fit's skip streak
   with pytest.raises(ValueError, match=r"step: no checkpoint 99 .* steps there: \[10\]"):
     checkpoint.Checkpointer(tmp_path).restore(train.init_states(OBJ, OPT, (0,)), 99)
   with pytest.raises(ValueError, match="directory: expected a directory"):

@@ -90,8 +90,8 @@ def _replicated(state):
 
 def _multiprocess_worker(out_path, process_id, port, ckpt_dir):
   """One of two processes with two CPU devices each: the toy training of `_worker` over a mesh
-  that spans both processes, stopped at STEPS / 2 with a checkpoint and resumed to STEPS; then
-  the last checkpoint is damaged and restored from."""
+  that spans both processes, stopped at STEPS / 2 by one process's stop flag with a checkpoint
+  and resumed to STEPS; then the last checkpoint is damaged and restored from."""
   from jax.experimental import multihost_utils
   from l2o_jax.checkpoint import Checkpointer
   distributed.set_cpu_devices(2)
@@ -105,8 +105,12 @@ def _multiprocess_worker(out_path, process_id, port, ckpt_dir):
   info = _sharded_batch_info(objective)
   place = lambda s: distributed.replicate(s, mesh)
   ckpt = Checkpointer(ckpt_dir)
-  half = train.fit(objective, OPT, STEPS // 2, seeds=SEEDS, steps_per_call=STEPS // 2, log_fn=None,
-                   checkpointer=ckpt, place=place)
+  # Only process 1 asks to stop (a signal that reached one host before the chunk boundary):
+  # both must stop there together, or one would wait in the save and the other in the next
+  # chunk's all-reduce forever.
+  half = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS // 2, log_fn=None,
+                   checkpointer=ckpt, place=place, should_stop=lambda: jax.process_index() == 1)
+  info["half_stop"] = [int(np.asarray(half.state.step).flat[0]), half.interrupted]
   resumed = train.fit(objective, OPT, STEPS, seeds=SEEDS, steps_per_call=STEPS // 2, log_fn=None,
                       checkpointer=ckpt, place=place)
   info.update(replicated=_replicated(resumed.state), half_start=half.resumed_from,
@@ -168,7 +172,8 @@ def test_two_processes_match_one_device(tmp_path, one_device, run_processes):
   info = json.loads([line for line in results[0][1].splitlines() if line.startswith("{")][-1])
   assert info == {"devices": 4, "shards": 2,                 # 2 of the 4 shards live in each process
                   "spec": "P('data',)", "same_data": True, "replicated": True,
-                  "half_start": 0, "resumed_start": STEPS // 2, "steps": [STEPS // 2, STEPS],
+                  "half_start": 0, "half_stop": [STEPS // 2, True],
+                  "resumed_start": STEPS // 2, "steps": [STEPS // 2, STEPS],
                   "fallback": STEPS // 2, "moved": 1}
   two = np.load(out)
   one = _leaves(one_device.state)

@@ -45,6 +45,14 @@ STEPS, SPC = 40, 5
     ({"eval.classical_lams": "0.1,-1"}, r"eval.classical_lams: expected a finite number >= 0, got -1.0"),
     ({"eval.lam": -1.0}, r"eval.lam: expected a finite number >= 0, got -1.0"),
     ({"lista.lam": -1.0}, r"lista.lam: expected a finite number >= 0, got -1.0"),
+    # These used to fail only after training, with config.json written: the corrected relaunch
+    # was then refused as a different config.
+    ({"layers.bound": 0.0}, r"layers.bound: expected a finite number > 0, got 0.0"),
+    ({"layers.bound": float("nan")}, r"layers.bound: expected a finite number > 0, got nan"),
+    ({"problem.noise_std": float("inf")}, r"problem.noise_std: expected a finite number >= 0, got inf"),
+    ({"seed": 2 ** 63}, r"seed: expected an integer whose seeds fit in 64 bits"),
+    ({"eval.seed": -2 ** 63 - 1}, r"eval.seed: expected an integer whose seeds fit in 64 bits"),
+    ({"log_every_s": float("nan")}, r"log_every_s: expected a finite number >= 0, got nan"),
 ])
 def test_config_validation_names_field_and_allowed_values(overrides, message):
   c = quick.get_config()
@@ -66,6 +74,10 @@ def test_cpu_device_count(monkeypatch):
   assert runner.cpu_device_count(c) == 5           # an explicit count wins (validate checks batches)
   c.cpu_devices = 1
   assert runner.cpu_device_count(c) == 1
+  # It runs before `validate` (before JAX starts), so it names a bad batch field itself.
+  c.cpu_devices, c.lista_train.batch = 0, -4
+  with pytest.raises(runner.ConfigError, match=r"lista_train.batch: expected an integer >= 1, got -4"):
+    runner.cpu_device_count(c)
 
 
 def test_resume_keeps_the_device_count(tmp_path, monkeypatch):
@@ -245,6 +257,44 @@ def tiny_config():
   return c
 
 
+def test_a_stop_during_a_job_starts_no_other(tmp_path, monkeypatch):
+  # A signal in a job's last chunk or final evaluation: that job finishes, the next never starts
+  # (it would compile and train a whole chunk past a scheduler's grace period).
+  c = tiny_config()
+  c.fig3.methods = "lista_vm,lista_meta"
+  assert len(runner.plan_jobs(c)) == 2
+
+  class Flag(train.StopOnSignal):
+    def __enter__(self):   # no real handlers in the test process
+      return self
+
+  flag, started = Flag(), []
+
+  def run_job(c, job, workdir, *, mesh, stop, log):
+    started.append(job.name)
+    flag.signum = signal.SIGTERM            # arrives while this job evaluates
+    return {"pred_error": {"mean": 1.0}}
+
+  monkeypatch.setattr(runner, "run_job", run_job)
+  monkeypatch.setattr(train, "StopOnSignal", lambda: flag)
+  logs = []
+  assert runner.run(c, str(tmp_path), log=logs.append) is None
+  assert started == [runner.plan_jobs(c)[0].name]
+  assert any("stopped by signal" in line for line in logs)
+
+
+def test_oracle_reference_left_out_beyond_its_size(monkeypatch):
+  c = tiny_config()                                         # C(6, 2) = 15 supports per task
+  assert runner.oracle_supports(c) == 15 and runner.oracle_supports(c, 4) == 6
+  monkeypatch.setattr(runner, "ORACLE_MAX_SUPPORTS", 10)
+  refs = runner.references(c, prompt_lengths=False)
+  assert "oracle" not in refs and refs["oracle_skipped"] == "C(6, 2) = 15 supports per task, over 10"
+  assert "oracle" in runner.references(c, support=4, prompt_lengths=False)   # C(4, 2) = 6
+  with pytest.raises(ValueError, match=r"s: best_subset solves every S-subset .* C\(40, 8\) = 76,904,685"):
+    import l2o_jax as L
+    L.best_subset(np.ones((3, 40)), np.ones(3), 8)
+
+
 def test_tiny_run_writes_every_output_and_report(tmp_path):
   c = tiny_config()
   c.layers.ks, c.layers.steps = "1", 0    # for the second launch below (layers study, untrained)
@@ -346,6 +396,15 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert {"fig3.png", "layers.png"} <= {os.path.basename(f) for f in figures}
   text = open(md).read()
   assert "### Unfinished jobs" in text and "| ghost | 30 | 0.5 | - |" in text
+  # experiments.trained reads the final step read-only: a step that fails to load is reported,
+  # never moved aside (a relaunch skips the finished job, so it could not be rewritten).
+  for root, _, files in os.walk(job / "checkpoints" / "20" / "default"):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(Exception):
+    trained.load(str(tmp_path), "lista_vm")
+  assert sorted(os.listdir(job / "checkpoints")) == ["10", "20", "extra"]
 
 
 def test_prompt_lengths_beyond_training_n_per_model():

@@ -183,3 +183,43 @@ def test_train_stops_on_non_finite_gradient_with_finite_loss():
                     loss=lambda p, b: jnp.sqrt(jnp.sum(p["w"] ** 2)) + b)
   with pytest.raises(T.NonFiniteLossError, match="step 0"):
     T.train(obj, optax.sgd(0.1), 5, steps_per_call=5, log_fn=None)
+
+
+def test_skip_streak_survives_a_resume(tmp_path):
+  # A stop inside a streak of skipped steps, then a resume: the run stops on the same streak as
+  # an uninterrupted one (the streak's length so far is saved beside the checkpoint).
+  from l2o_jax import checkpoint
+  objective, steps = _spiky_objective(0.6), 40
+  key = T.init_state(objective, optax.sgd(0.1), 0).key
+  bad = [float(jax.random.uniform(jax.random.fold_in(key, t))) < 0.6 for t in range(steps)]
+  runs = "".join("x" if b else " " for b in bad)
+  longest = max(len(r) for r in runs.split(" "))
+  first = runs.index("x" * longest)                    # steps first .. first + longest - 1
+  assert longest >= 2
+  kw = dict(steps_per_call=1, log_fn=None, skip_nonfinite=True, max_skipped_in_a_row=longest)
+  match = rf"{longest} steps in a row \({first}\.\.{first + longest - 1}\)"
+  with pytest.raises(T.NonFiniteLossError, match=match):
+    T.fit(objective, optax.sgd(0.1), steps, **kw)
+  polls = iter(range(1, steps + 1))                    # one poll per 1-step chunk: the step reached
+  stopped = T.fit(objective, optax.sgd(0.1), steps, checkpointer=checkpoint.Checkpointer(tmp_path),
+                  should_stop=lambda: next(polls) == first + 1, **kw)   # after the streak's first step
+  assert stopped.interrupted and int(stopped.state.step[0]) == first + 1
+  with pytest.raises(T.NonFiniteLossError, match=match):
+    T.fit(objective, optax.sgd(0.1), steps, checkpointer=checkpoint.Checkpointer(tmp_path), **kw)
+
+
+def test_second_sigterm_reaches_the_previous_handler():
+  # The first SIGTERM asks for a clean stop; a second one (a scheduler's or `timeout`'s follow-up)
+  # is no longer swallowed: it goes to the handler installed before.
+  import os
+  import signal
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+  try:
+    with T.StopOnSignal() as stop:
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop() and seen == []
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert seen == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)

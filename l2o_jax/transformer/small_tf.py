@@ -345,16 +345,23 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
     score_clip: the attention-weight cap (`ops.attention_weights`; None, the paper's model).
     """
 
-    def __init__(self, *, d: int = 20, num_layers: int = 12, num_heads: int = 4,
-                 mlp_hidden: int | None = None, readout: str = "query", rngs=None, params=None,
-                 score_clip=None, **init_kw):
+    def __init__(self, *, d: int | None = None, num_layers: int | None = None,
+                 num_heads: int | None = None, mlp_hidden: int | None = None,
+                 readout: str | None = None, rngs=None, params=None, score_clip=None, **init_kw):
       self.score_clip = _checks.check_score_clip(score_clip)
       _checks.check_keywords("init_kw", init_kw, small_tf_init,
                              exclude=("key", "d", "num_layers", "num_heads", "mlp_hidden", "readout"))
+      given = {k: v for k, v in dict(d=d, num_layers=num_layers, num_heads=num_heads,
+                                     mlp_hidden=mlp_hidden, readout=readout, **init_kw).items()
+               if v is not None}
       if params is None:
         key = rngs.params() if rngs is not None else jax.random.key(0)
-        params = small_tf_init(key, d=d, num_layers=num_layers, num_heads=num_heads,
-                               mlp_hidden=mlp_hidden, readout=readout, **init_kw)
+        # Defaults: the paper's Small TF, d = 20, 12 blocks, 4 heads, query read-out.
+        params = small_tf_init(key, **{"d": 20, "num_layers": 12, "num_heads": 4, "readout": "query",
+                                       **given})
+      elif given:   # the arrays define the model; an ignored d= or readout= would mislead
+        raise ValueError(f"params: the model comes from params, so {sorted(given)} cannot be set too; "
+                         "pass either params or the init arguments")
       self.readout = readout_kind(params)
       a, m = params["body"]["attn"], params["body"]["mlp"]
       self.Q, self.K, self.V = nnx.Param(a["Q"]), nnx.Param(a["K"]), nnx.Param(a["V"])
