@@ -21,6 +21,8 @@ def prediction_errors(y_query, x_query, beta_hat):
   """(B,) per-task (y_query - x_query^T beta_hat)^2 (what `prediction_error` averages; the input
   of `median_error` and `mean_interval`); shapes (B,), (B, d), (B, d)."""
   B, d = _checks.check_ndim("beta_hat", beta_hat, 2, "(B, d)")
+  if B == 0:   # the mean over no tasks would be a silent NaN
+    raise ValueError("beta_hat: expected at least one task, got shape (0, d)")
   if _checks.shape_of("x_query", x_query) != (B, d):
     raise ValueError(f"x_query: expected shape ({B}, {d}) to match beta_hat, got {_checks.shape_of('x_query', x_query)}")
   if _checks.shape_of("y_query", y_query) != (B,):

@@ -163,6 +163,9 @@ def test_construction_is_differentiable_in_M_and_theta(instance):
     (lambda: construct_lista_vm_transformer({"M": jnp.zeros((2, 3, 3)), "theta": jnp.zeros(2)}, 0.0), "bound"),
     (lambda: construct_lista_vm_transformer({"M": jnp.zeros((2, 3, 3)), "theta": jnp.zeros(2)}, 1.0,
                                             support=5), "support"),
+    (lambda: construct_lista_vm_transformer({"M": jnp.full((2, 3, 3), jnp.nan), "theta": jnp.zeros(2)}, 1.0),
+     r"lista_vm_params\['M'\]: expected finite values"),
+    (lambda: embed(jnp.zeros((3, 0)), jnp.zeros(3), jnp.zeros(0)), r"X: expected d >= 1 columns"),
 ])
 def test_bad_inputs_raise(call, match):
   with pytest.raises(ValueError, match=match):

@@ -85,6 +85,8 @@ def test_label_error_and_nmse_do_not_broadcast():
     L.median_error(np.ones((2, 3)))
   with pytest.raises(ValueError, match=r"errors: expected at least one task"):
     L.median_error(np.ones(0))
+  with pytest.raises(ValueError, match=r"beta_hat: expected at least one task"):
+    L.prediction_error(np.ones(0), np.ones((0, 3)), np.ones((0, 3)))      # not a silent NaN
 
 
 def test_median_errors_count_nan_as_worst():
