@@ -232,11 +232,16 @@ def bench_train(model, args, ctx, *, d=20, n=10, batches=None, tag=None):
     if not args.no_peer:
       if model == "gpt2":
         step = torch_peer.make_gpt2_peer(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"])
-        label = "torch HF GPT2Model"
+        runners["torch HF GPT2Model"] = PeerTrainer(step, args.steps, ctx["torch_device"])
       else:
-        step = torch_peer.make_small_tf_port(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"])
-        label = "torch (our port)"
-      runners[label] = PeerTrainer(step, args.steps, ctx["torch_device"])
+        # The target's comparator (a straightforward port), and the same port with our step's
+        # FLOP-saving rewrites: the ratio to the second is the framework-to-framework one.
+        for label, same_flops in (("torch (our port)", False), ("torch (our port, same FLOP savings)", True)):
+          if same_flops and tag:
+            continue   # the scaling rows keep one peer
+          step = torch_peer.make_small_tf_port(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"],
+                                               same_flops=same_flops)
+          runners[label] = PeerTrainer(step, args.steps, ctx["torch_device"])
     times = _interleave(runners, args.repeats)
     extra = {"d": d, "n": n, "lr": lr}
     if tag:
@@ -247,7 +252,7 @@ def bench_train(model, args, ctx, *, d=20, n=10, batches=None, tag=None):
       if label != "l2o_jax":
         peer = _train_row(model, label, runners[label], times[label], batch, **extra)
         rows += [peer, {**_ratio_row(model, batch, ours, peer, label), **extra}]
-    _log(rows[-len(runners) - (len(runners) > 1):])
+    _log(rows[-(2 * len(runners) - 1):])   # ours, then a row and a ratio row per peer
   return rows
 
 

@@ -11,14 +11,15 @@ import l2o_jax as L
 
 def classical_rows(*, seed: int = 0, num_tasks: int = 4096, lams=(0.01, 0.03, 0.1, 0.3, 1.0),
                    num_iters: int = 12, d: int = 20, n: int = 10, s: int = 3, support=None,
-                   include_oracle: bool = True) -> list[dict]:
+                   noise_std: float = 0.0, include_oracle: bool = True) -> list[dict]:
   """Prediction error (y_query - x_query^T beta_hat)^2 averaged over `num_tasks` fresh tasks.
 
   Returns one dict per lam: {"lam", "ista", "fista", "lasso", "lasso_certified"} where
   "lasso_certified" is the fraction of tasks whose duality gap met the tolerance; with
   `include_oracle` a last row {"lam": None, "oracle": ...} gives the exhaustive-support oracle.
   """
-  task = L.sample_tasks(jax.random.key(seed), num_tasks, d=d, n=n, s=s, support=support)
+  task = L.sample_tasks(jax.random.key(seed), num_tasks, d=d, n=n, s=s, support=support,
+                        noise_std=noise_std)
   err = lambda beta: float(L.prediction_error(task.y_query, task.x_query, beta))
   rows = []
   for lam in lams:

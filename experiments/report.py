@@ -134,6 +134,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   if fx:
     ax.scatter([i for i, _ in fx], [v for _, v in fx], marker="*", s=120, color="k", zorder=3,
                label="test on the training X (fixed)")
+  if "oracle_skipped" in refs:
+    rows.append(f"| {LABELS['oracle']} | left out: {refs['oracle_skipped']} | | | | |")
   for key, style in (("lasso", "--"), ("oracle", ":")):
     if key in refs:
       ax.axhline(refs[key], ls=style, color="k", lw=1, label=f"{LABELS[key]} = {refs[key]:.3g}")
@@ -142,7 +144,8 @@ def bar_figure(run, study: str, out_dir: str, support=None) -> tuple[str, list[s
   ax.set_xticks(list(x), names, rotation=30, ha="right")
   ax.set_yscale("log")
   ax.set_ylabel("prediction error  (y - ŷ)²")
-  title = "Figure 1a: S = 3" if support is None else f"Figure 1b: S = 3, support in first {support}"
+  S = cfg["problem"]["s"]
+  title = f"Figure 1a: S = {S}" if support is None else f"Figure 1b: S = {S}, support in first {support}"
   ax.set_title(f"{title}  [{cfg['name']}]")
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -365,7 +368,7 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
   runs = [load(workdir) for workdir in workdirs]   # every WORKDIR checked before anything is written
   out_dir = out_dir or os.path.join(workdirs[0], "report")
   os.makedirs(out_dir, exist_ok=True)
-  figures, md = [], ["# Results", ""]
+  figures, md, subs = [], ["# Results", ""], set()
   for workdir, run in zip(workdirs, runs):
     cfg = run["config"]
     md += [f"## Run `{cfg['name']}` ({workdir})", "",
@@ -376,7 +379,15 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
     if clip:
       md += [f"Small TF here caps every attention weight at {clip:g} (`tf.small_tf_score_clip`), "
              "not the paper's ReLU attention.", ""]
-    sub = out_dir if len(workdirs) == 1 else os.path.join(out_dir, os.path.basename(os.path.normpath(workdir)))
+    sub = out_dir
+    if len(workdirs) > 1:   # one folder per run; runs/a/x and runs/b/x get x and x-2
+      base = name = os.path.basename(os.path.normpath(workdir))
+      n = 1
+      while name in subs:
+        n += 1
+        name = f"{base}-{n}"
+      subs.add(name)
+      sub = os.path.join(out_dir, name)
     os.makedirs(sub, exist_ok=True)
     parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),
              fig1c(run, sub), curves(run, "fig2", sub), curves(run, "fig3", sub), layers(run, sub),

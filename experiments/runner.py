@@ -710,7 +710,7 @@ def classical(c, workdir: str, log) -> str:
   lams = classical_lams(c)
   rows = classical_lib.classical_rows(seed=c.eval.seed, num_tasks=c.eval.num_tasks, lams=lams,
                                       num_iters=c.eval.iters, d=c.problem.d, n=c.problem.n, s=c.problem.s,
-                                      include_oracle=oracle_supports(c) <= ORACLE_MAX_SUPPORTS)
+                                      noise_std=c.problem.noise_std, include_oracle=oracle_supports(c) <= ORACLE_MAX_SUPPORTS)
   table = classical_lib.format_table(rows, num_iters=c.eval.iters)
   writers.write_json(os.path.join(workdir, "classical.json"), rows)
   with open(os.path.join(workdir, "classical.md"), "w") as f:
@@ -746,6 +746,19 @@ def check_workdir(c, workdir: str, log) -> None:
       n += 1
     shutil.copyfile(path, backup)   # a copy: config.json never disappears for another reader
   writers.write_json(path, new)
+
+
+def _merge_references(old: dict, new: dict) -> dict:
+  """References of earlier launches updated with this one's, two levels deep: a launch without
+  the layers study computes ISTA / FISTA at no extra depth (`ista_per_k` = {}), which must not
+  wipe an earlier launch's depth curve. Same config and test set, so shared entries agree."""
+  out = dict(old)
+  for name, refs in new.items():
+    merged = dict(old.get(name, {}))
+    for key, value in refs.items():
+      merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    out[name] = merged
+  return out
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -801,7 +814,7 @@ def _run(c, workdir, log):
     old = json.load(open(path))
     results["studies"] = [s for s in old.get("studies", []) if s not in studies] + studies
     results["jobs"] = {**old.get("jobs", {}), **results["jobs"]}
-    results["references"] = {**old.get("references", {}), **results["references"]}
+    results["references"] = _merge_references(old.get("references", {}), results["references"])
     if "classical_table" not in results and "classical_table" in old:
       results["classical_table"] = old["classical_table"]
   writers.write_json(path, results)

@@ -31,7 +31,7 @@ class Trained(NamedTuple):
 
 def load_config(workdir: str):
   """The run's resolved config (config.json) over the current defaults, so fields added since
-  the run keep their defaults."""
+  the run keep their defaults, with `studies` covering every launch into the workdir."""
   from experiments.configs.base import base
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -45,6 +45,13 @@ def load_config(workdir: str):
       elif k in cfg:
         cfg[k] = v
   merge(c, json.load(open(path)))
+  # A relaunch may run other studies into the workdir (config.json then names only the latest);
+  # results.json lists every study run there, so their jobs stay reachable.
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    studies = [s for s in c.studies.split(",") if s]
+    studies += [s for s in json.load(open(results)).get("studies", []) if s not in studies]
+    c.studies = ",".join(studies)
   return c
 
 

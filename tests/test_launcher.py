@@ -283,6 +283,24 @@ def test_a_stop_during_a_job_starts_no_other(tmp_path, monkeypatch):
   assert any("stopped by signal" in line for line in logs)
 
 
+def test_relaunch_keeps_earlier_depth_references():
+  # A relaunch without the layers study computes ISTA / FISTA at no extra depth; the earlier
+  # launch's depth curve (ista_per_k) must survive the merge into results.json.
+  old = {"none": {"ista": 1.0, "ista_per_k": {"1": 2.0, "2": 1.5}, "lam": 0.1}, "support4": {"ista": 3.0}}
+  new = {"none": {"ista": 1.0, "ista_per_k": {}, "lasso": 0.5}}
+  assert runner._merge_references(old, new) == {
+      "none": {"ista": 1.0, "ista_per_k": {"1": 2.0, "2": 1.5}, "lam": 0.1, "lasso": 0.5},
+      "support4": {"ista": 3.0}}
+
+
+def test_classical_table_uses_the_noise_level():
+  from experiments import classical
+  kw = dict(num_tasks=64, lams=(0.1,), d=6, n=4, s=2)
+  clean, noisy = classical.classical_rows(**kw), classical.classical_rows(noise_std=1.0, **kw)
+  assert clean[-1]["oracle"] < 1e-6 < noisy[-1]["oracle"]     # noiseless: the oracle is exact
+  assert noisy[0]["lasso"] > clean[0]["lasso"]
+
+
 def test_oracle_reference_left_out_beyond_its_size(monkeypatch):
   c = tiny_config()                                         # C(6, 2) = 15 supports per task
   assert runner.oracle_supports(c) == 15 and runner.oracle_supports(c, 4) == 6
@@ -389,6 +407,9 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   assert checkpoint.Checkpointer(tmp_path / name / "checkpoints").steps() == []
   sp = spread.spread(str(tmp_path), jobs=[name], sets=1, references=False, log=lambda m: None)
   assert list(sp["methods"]) == [name] and np.isfinite(sp["methods"][name]["set_means"][0])  # untrained start
+  # config.json now names only "layers"; the first launch's job is still reachable (it was not).
+  assert trained.load(str(tmp_path), "lista_vm").job.name == "lista_vm"
+  assert "lista_vm" in spread.spread(str(tmp_path), sets=1, references=False, log=lambda m: None)["methods"]
   # A job that started but has no results (interrupted, stopped) is listed by the report.
   (tmp_path / "ghost" / "checkpoints").mkdir(parents=True)
   (tmp_path / "ghost" / "metrics.jsonl").write_text(json.dumps({"step": 30, "train_loss": 0.5}) + "\n")

@@ -133,3 +133,26 @@ def test_report_writes_every_figure_and_table(tmp_path):
 def test_report_cli_errors_on_a_non_run_directory(tmp_path, capsys):
   assert report.main([str(tmp_path)]) == 2
   assert "has no config.json" in capsys.readouterr().err
+
+
+def test_report_titles_skipped_oracle_and_runs_with_one_folder_name(tmp_path):
+  # S in the Figure 1a/1b titles comes from the run (it was always "S = 3"); a left-out oracle
+  # is noted; two runs whose folders share a name get one figure folder each (they overwrote).
+  dirs = []
+  for parent, s, err in (("a", 2, 0.7), ("b", 3, 99.0)):
+    c = quick.get_config()
+    c.studies, c.fig1a.methods, c.problem.s = "fig1a", "lista_vm", s
+    wd = tmp_path / parent / "run"
+    os.makedirs(wd / "lista_vm")
+    writers.write_json(str(wd / "config.json"), json.loads(c.to_json()))
+    writers.write_json(str(wd / "lista_vm" / "results.json"), _job("lista_vm", err))
+    writers.write_json(str(wd / "results.json"), {"studies": ["fig1a"], "references": {"none": {
+        "ista": 1.2, "lam": 0.1, "iters": 12, "oracle_skipped": "C(20, 3) = 1,140 supports per task, over 10"}}})
+    dirs.append(str(wd))
+  figures, md = report.report(dirs, str(tmp_path / "out"))
+  text = open(md).read()
+  assert "### Figure 1a: S = 2" in text and "### Figure 1a: S = 3" in text
+  assert text.count("| oracle | left out: C(20, 3) = 1,140 supports per task, over 10 |") == 2
+  figs = sorted(os.path.relpath(f, tmp_path / "out") for f in figures if f.endswith("fig1a.png"))
+  assert figs == ["run-2/fig1a.png", "run/fig1a.png"]
+  assert "](run/fig1a.png)" in text and "](run-2/fig1a.png)" in text

@@ -368,3 +368,27 @@ def test_integer_and_list_inputs_run_in_float(tf_params):
       got = fn(*given)
       assert got.dtype == jnp.float32, (name, kind, got.dtype)
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{name}, {kind} input")
+
+
+@pytest.mark.parametrize("same_flops", [False, True])
+def test_torch_port_matches_small_tf(tf_params, task, same_flops):
+  # The benchmark's PyTorch port (benchmarks/torch_peer.py), given our weights, predicts what our
+  # Small TF predicts: the ratio compares two implementations of one model. Needs torch (bench).
+  torch = pytest.importorskip("torch")
+  from benchmarks.torch_peer import SmallTFPort
+  body = tf_params["body"]
+  L, M = body["attn"]["Q"].shape[:2]
+  port = SmallTFPort(d, L, M, mlp_hidden=body["mlp"]["W1"].shape[1], same_flops=same_flops)
+  t = lambda a: torch.tensor(np.asarray(a, np.float32))
+  with torch.no_grad():
+    for name in ("Q", "K", "V"):
+      getattr(port, name).copy_(t(body["attn"][name]))
+    for name in ("W1", "W2", "b"):
+      getattr(port, name).copy_(t(body["mlp"][name]))
+    port.readout.copy_(t(tf_params["V"]))
+    got = port(t(task.X), t(task.y), t(task.x_query)).numpy()
+  want = np.asarray(jax.jit(jax.vmap(small_tf_predict, in_axes=(None, 0, 0, 0)))(
+      tf_params, task.X, task.y, task.x_query))
+  np.testing.assert_allclose(got[:, -1], want[:, -1], rtol=1e-4, atol=1e-5)   # the query (the loss)
+  if not same_flops:
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
