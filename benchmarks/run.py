@@ -60,7 +60,7 @@ def parse_args(argv):
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="CPU only: JAX devices to split the host into for our train steps, "
                       "data parallel (default 0: one per core, reduced to divide every batch with >= 16 instances each; 1: off)")
-  p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count(), the cores XLA uses)")
+  p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process may use, as XLA)")
   p.add_argument("--matmul-precision", default="float32", choices=("float32", "tf32"),
                  help="GPU only, both sides: float32 matmuls (default; torch's default, while JAX's "
                       "default precision lets XLA use TF32 on NVIDIA GPUs) or TF32 tensor-core matmuls "
@@ -554,7 +554,8 @@ def main(argv=None):
   if needs_torch:
     import torch
     env["torch_default_threads"] = torch.get_num_threads()
-    threads = args.threads or os.cpu_count()
+    from l2o_jax import distributed
+    threads = args.threads or distributed.usable_cores()   # the cores this process may use (affinity)
     if args.device == "cpu" and torch.get_num_threads() != threads:
       torch.set_num_threads(threads)  # the same number of cores as XLA uses
     env["torch_threads"] = torch.get_num_threads()
