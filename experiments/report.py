@@ -7,8 +7,10 @@ reports what it has), and writes into DIR (default: the first WORKDIR's report/)
   fig1c.png                Small TF read-outs vs prompt length n (Figure 1c)
   fig2.png, fig3.png       test prediction error vs epoch of meta-trained LISTA(-CP) / LISTA-VM
   layers.png               error vs depth K: constructed Transformer, LISTA-VM, ISTA, FISTA
-  prompt_length.png        prompt-length generalisation (n = eval.prompt_lengths, also beyond the
-                           training N: dashed line) of the models that accept other n, and references
+  prompt_length.png        error vs prompt length n (n = eval.prompt_lengths, also beyond the training
+                           N: dashed line) in Figure 1a's setting: curves for the models that accept
+                           any n and the references, marks at n = N for LISTA / LISTA-CP / ALISTA
+  prompt_length_supportS.png  the same in Figure 1b's setting (support prior in the first S entries)
   results.md               every number above as markdown tables
 """
 from __future__ import annotations
@@ -322,41 +324,63 @@ def per_layer(run, out_dir: str):
   return path, table
 
 
-def prompt_length(run, out_dir: str):
+FIXED_N_MARK = {"lista": "s", "lista_cp": "^", "alista": "D", "lista_meta": "s", "lista_cp_meta": "^"}
+
+
+def prompt_length(run, out_dir: str, support=None):
+  """Prediction error vs prompt length n (Figure 1a's setting, or Figure 1b's with `support`):
+  curves for the models that take any n (Transformers, LISTA-VM(-SS), ISTA / FISTA / LASSO) and,
+  at n = N only, marks for LISTA / LISTA-CP / ALISTA, whose weights are shaped for N rows (the
+  meta-trained ones red, as the paper's "red marks" in Figure 1a)."""
   cfg = run["config"]
-  refs = run["references"].get("none", {})
-  series, notes = [], []
+  refs = run["references"].get(f"support{support}" if support else "none", {})
+  N = cfg["problem"]["n"]
+  series, marks, notes = [], [], []
   for name, job in sorted(run["jobs"].items()):
-    if job.get("support") or "-K" in name:  # support-prior and depth-study jobs have their own figures
+    if (job.get("support") or None) != (support or None) or "-K" in name:  # depth-study jobs: layers.png
       continue
+    label = LABELS.get(job["method"], job["method"])
     if "per_prompt_length" in job and (job["method"] != "small_tf" or job["readout"] == cfg["tf"]["readout"]):
       ppl = job["per_prompt_length"]
-      label = LABELS.get(job["method"], job["method"])
       series.append((label, {int(n): _mean(v) for n, v in ppl.items()}))
       if job.get("per_prompt_length_skipped"):  # e.g. GPT-2 beyond its learned position table
         notes.append(f"{label}: n = {', '.join(map(str, job['per_prompt_length_skipped']))} left blank; "
                      f"{job.get('per_prompt_length_note', 'the model cannot take these lengths')}.")
+    elif job["method"] in FIXED_N_MARK and "pred_error" in job:
+      marks.append((f"{label} (n = N only)", job["method"], _mean(job["pred_error"]), False))
+      if "pred_error_fixed_x" in job:
+        marks.append((f"{label} on its training X", job["method"], _mean(job["pred_error_fixed_x"]), True))
   for name in ("ista", "fista", "lasso"):
     if f"{name}_per_prompt_length" in refs:
       series.append((LABELS[name], {int(n): v for n, v in refs[f"{name}_per_prompt_length"].items()}))
-  if not series:
+  if not series and not marks:
     return None
-  ns = sorted(set().union(*[s.keys() for _, s in series]))
-  N = cfg["problem"]["n"]
+  ns = sorted(set().union({N} if marks else set(), *[s.keys() for _, s in series]))
   fig, ax = plt.subplots(figsize=(8, 4))
   rows = []
   for label, s in series:
     xs = sorted(s)
     ax.plot(xs, [s[n] for n in xs], marker="o", label=label, ls="-" if label not in LABELS.values()
-            or label in ("LISTA-VM", "Small TF", "GPT-2") else "--")
+            or label in ("LISTA-VM", "LISTA-VM-SS", "Small TF", "GPT-2") else "--")
     rows.append(f"| {label} | " + " | ".join(f"{s[n]:.3g}" if n in s else "" for n in ns) + " |")
+  for label, method, value, on_fixed_x in marks:
+    ax.scatter([N], [value], marker=FIXED_N_MARK[method], s=60, zorder=3, label=label,
+               color="k" if on_fixed_x else "tab:red" if method.endswith("_meta") else "tab:blue")
+    rows.append(f"| {label} | " + " | ".join(f"{value:.3g}" if n == N else "" for n in ns) + " |")
   note = _beyond_training_n(ax, N, ns)
+  if marks:
+    note += [f"LISTA / LISTA-CP / ALISTA hold weights for exactly N = {N} measurements, so they have "
+             "a value at n = N only (marks in the figure: tested on varying X, the meta-trained ones "
+             "red; black, tested on the one X they were trained on).", ""]
   if notes:
     note += [" ".join(notes), ""]
-  path = _save_log_figure(fig, ax, out_dir, "prompt_length", xlabel="prompt length n (demonstrations seen)",
-                          ylabel="prediction error", title=f"Prompt-length generalisation  [{cfg['name']}]",
-                          legend_outside=True)
-  table = [f"### Prediction error vs prompt length n (trained at N = {N})", "", *note,
+  S = cfg["problem"]["s"]
+  title = (f"Figure 1a setting (S = {S}): error vs prompt length" if support is None else
+           f"Figure 1b setting (S = {S}, support in first {support}): error vs prompt length")
+  path = _save_log_figure(fig, ax, out_dir, "prompt_length" + (f"_support{support}" if support else ""),
+                          xlabel="prompt length n (demonstrations seen)", ylabel="prediction error",
+                          title=f"{title}  [{cfg['name']}]", legend_outside=True)
+  table = [f"### {title} (trained at N = {N})", "", *note,
            "| method | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns), *rows, ""]
   return path, table
 
@@ -391,7 +415,8 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
     os.makedirs(sub, exist_ok=True)
     parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),
              fig1c(run, sub), curves(run, "fig2", sub), curves(run, "fig3", sub), layers(run, sub),
-             per_layer(run, sub), prompt_length(run, sub)]
+             per_layer(run, sub), prompt_length(run, sub),
+             prompt_length(run, sub, support=cfg["fig1b"]["support"]) if "fig1b" in run["studies"] else None]
     for part in parts:
       if part is not None:
         path, table = part

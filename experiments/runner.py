@@ -802,8 +802,7 @@ def _run(c, workdir, log):
   if "fig1a" in studies or "layers" in studies:  # the figures that draw reference lines
     results["references"]["none"] = references(c, ks=ks)
   if "fig1b" in studies:
-    results["references"][f"support{c.fig1b.support}"] = references(c, support=c.fig1b.support,
-                                                                     prompt_lengths=False)
+    results["references"][f"support{c.fig1b.support}"] = references(c, support=c.fig1b.support)
   if "classical" in studies:
     results["classical_table"] = classical(c, workdir, log)
   results["wall_time_s"] = time.time() - t0

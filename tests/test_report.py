@@ -71,6 +71,8 @@ def _job(method, err, *, support=None, readout=None, K=None, curve=True, fixed=N
          "pred_error": _stats(err), "pred_error_median": _stats(err / 2),
          "pred_error_ci95": [_stats(err * 0.8), _stats(err * 1.3)],
          "per_prompt_length": {str(n): _stats(err * 10 / n) for n in (2, 4, 6, 8, 10, 15, 20)}}
+  if method in report.FIXED_N_MARK:  # weights shaped for N rows: no other prompt length (runner)
+    del out["per_prompt_length"]
   if method == "gpt2":  # positions for N + 1 = 11 points only: lengths beyond N are not evaluated
     out["per_prompt_length"] = {n: v for n, v in out["per_prompt_length"].items() if int(n) <= 10}
     out["per_prompt_length_skipped"] = [15, 20]
@@ -109,7 +111,8 @@ def test_report_writes_every_figure_and_table(tmp_path):
                                                  "classical_table": "| lam | ISTA |\n|---|---|\n| 0.1 | 1.2 |"})
   figures, md = report.report([str(wd)], str(tmp_path / "out"))
   names = {os.path.basename(f) for f in figures}
-  assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "per_layer.png", "prompt_length.png"}
+  assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "per_layer.png",
+                   "prompt_length.png", "prompt_length_support10.png"}
   for f in figures:
     assert os.path.getsize(f) > 1000 and open(f, "rb").read(4) == b"\x89PNG"
   text = open(md).read()
@@ -125,7 +128,18 @@ def test_report_writes_every_figure_and_table(tmp_path):
   assert "| method | n=2 | n=4 | n=6 | n=8 | n=10 | n=15 | n=20 |" in text
   assert "| GPT-2 | 1 | 0.5 | 0.333 | 0.25 | 0.2 |  |  |" in text
   assert "GPT-2: n = 15, 20 left blank; its learned position table holds max_points = 11 points." in text
-  assert text.count("Columns n > N = 10 lie beyond the training prompt length") == 2  # prompt length, fig1c
+  assert text.count("Columns n > N = 10 lie beyond the training prompt length") == 3  # 2 x prompt length, fig1c
+  # Figure 1a's setting over n: LISTA / LISTA-CP / ALISTA (weights for N rows) at n = N only, on
+  # varying X and on their training X; Figure 1b's setting has its own table of its own jobs.
+  assert "### Figure 1a setting (S = 3): error vs prompt length (trained at N = 10)" in text
+  assert "| LISTA (n = N only) |  |  |  |  | 6 |  |  |" in text
+  assert "| LISTA on its training X |  |  |  |  | 0.05 |  |  |" in text
+  assert "| LISTA (meta) (n = N only) |  |  |  |  | 3.1 |  |  |" in text
+  assert "| LISTA-VM | 3.4 | 1.7 | 1.13 | 0.85 | 0.68 | 0.453 | 0.34 |" in text
+  sec = text[text.index("### Figure 1b setting (S = 3, support in first 10): error vs prompt length"):]
+  sec = sec[:sec.index("![](")]
+  assert "| LISTA-VM-SS | 0.35 | 0.175 |" in sec and "| LISTA-VM | 3.5 |" in sec and "| ISTA | 2.5 |" in sec
+  assert "| LISTA-VM | 3.4 |" not in sec and "GPT-2" not in sec and "n = N only" not in sec
   for name in names:
     assert f"]({name})" in text
 
