@@ -751,7 +751,10 @@ def check_workdir(c, workdir: str, log) -> None:
 def _merge_references(old: dict, new: dict) -> dict:
   """References of earlier launches updated with this one's, two levels deep: a launch without
   the layers study computes ISTA / FISTA at no extra depth (`ista_per_k` = {}), which must not
-  wipe an earlier launch's depth curve. Same config and test set, so shared entries agree."""
+  wipe an earlier launch's depth curve. Same config and test set, so shared entries agree.
+  `old` comes from JSON, whose keys are strings ({"2": ...} for n = 2): this launch's int keys are
+  made strings too, as one dict holding both could not be written (json sort_keys fails)."""
+  new = json.loads(json.dumps(new))
   out = dict(old)
   for name, refs in new.items():
     merged = dict(old.get(name, {}))

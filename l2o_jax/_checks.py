@@ -21,6 +21,13 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def check_host(name: str, x, why: str) -> None:
+  """Rejects a traced `x` (inside jit / vmap / grad) for functions that compute on the host, with
+  the reason instead of JAX's TracerArrayConversionError from deep inside NumPy."""
+  if x is not None and not is_concrete(x):
+    raise ValueError(f"{name}: got a traced value; {why}, so call it outside jit / vmap / grad")
+
+
 def shape_of(name: str, x) -> tuple[int, ...]:
   try:
     return tuple(np.shape(x))

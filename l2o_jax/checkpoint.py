@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,20 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointRestoreError(RuntimeError):
   """Checkpoints exist but none of them could be restored (nothing was moved aside)."""
+
+
+@contextlib.contextmanager
+def _without_log(text: str):
+  """Drops absl log records containing `text` for the duration. The standalone reader looks for
+  the step's _CHECKPOINT_METADATA inside the item folder, where a CheckpointManager never writes
+  it, and warned on every restore (the read itself is fine: the arrays' metadata is there)."""
+  drop = lambda record: text not in record.getMessage()
+  logger = logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 class Checkpointer:
@@ -172,7 +187,7 @@ class Checkpointer:
     try:
       # Read with a standalone checkpointer: a manager that has not saved in this process does
       # not know the item's handler and returns no metadata.
-      with ocp.StandardCheckpointer() as reader:
+      with ocp.StandardCheckpointer() as reader, _without_log("Metadata file does not exist"):
         meta = reader.metadata(os.path.join(self.directory, str(step), "default"))
       stored = getattr(meta, "item_metadata", meta).tree
     except Exception:   # unreadable metadata: the restore itself will fail and say so

@@ -46,8 +46,15 @@ def _soft(x, theta):
   return soft_threshold(x, jnp.maximum(theta, 0.0))
 
 
-def _check_sizes(num_layers, d, n, lam, X):
+_HOST_INIT = ("LISTA inits are built on the host in float64 (eigenvalues of X^T X, ALISTA's W); "
+              "for several seeds call it per key")
+
+
+def _check_sizes(num_layers, d, n, lam, X, key=None):
   """Validates the sizes shared by every init; returns (num_layers, d, n, X's shape or None)."""
+  _checks.check_host("key", key, _HOST_INIT)
+  _checks.check_host("X", X, _HOST_INIT)
+  _checks.check_host("lam", lam, _HOST_INIT)
   num_layers = _checks.check_positive_int("num_layers", num_layers)
   d = _checks.check_positive_int("d", d)
   n = _checks.check_positive_int("n", n)
@@ -199,9 +206,10 @@ def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int | None = None,
   """
   if key_or_none is not None:
     _checks.check_key("key_or_none", key_or_none)
+  _checks.check_host("X", X, _HOST_INIT)
   if X is not None and n is None:
     n = _checks.check_ndim("X", X, 2, f"(n, {d})")[0]
-  num_layers, d, n, shape = _check_sizes(num_layers, d, 10 if n is None else n, lam, X)
+  num_layers, d, n, shape = _check_sizes(num_layers, d, 10 if n is None else n, lam, X, key_or_none)
   if X is not None:
     if shape != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {shape}")
@@ -297,7 +305,7 @@ def init(method: str, key, *, num_layers: int = 12, d: int = 20, n: int = 10, X=
   _check_method(method)
   if key is not None:
     _checks.check_key("key", key)
-  num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X)
+  num_layers, d, n, shape = _check_sizes(num_layers, d, n, lam, X, key)
   if X is not None:
     if shape != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {shape}")
@@ -392,6 +400,7 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
   batch = _checks.check_positive_int("batch", batch)
   num_layers = _checks.check_positive_int("num_layers", num_layers)
   tasks_lib.support_indices(support, d, s)  # validates support and s
+  _checks.check_nonnegative("lam", lam)      # here, not first at init inside train.fit
   mask = jnp.asarray(tasks_lib.support_mask(support, d))
   if _checks.shape_of("noise_std", noise_std) != ():
     raise ValueError(f"noise_std: expected a scalar, got shape {_checks.shape_of('noise_std', noise_std)}")
@@ -403,6 +412,8 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
     shape = _checks.check_ndim("X_fixed", X_fixed, 2, f"(n, d) = ({n}, {d})")
     if shape != (n, d):
       raise ValueError(f"X_fixed: expected shape (n, d) = ({n}, {d}), got {shape}")
+    if _checks.is_concrete(X_fixed) and not np.all(np.isfinite(np.asarray(X_fixed, np.float64))):
+      raise ValueError("X_fixed: expected finite entries, got NaN or inf")
     if matrices_per_batch is not None:
       raise ValueError(f"matrices_per_batch: only used by protocol 'meta', got {matrices_per_batch}")
     X_fixed = jnp.asarray(X_fixed, jnp.float32)

@@ -110,6 +110,7 @@ def _check_beta(X, y, beta, lam):
     raise ValueError(f"beta: expected shape (d,) = ({d},) to match X's {d} columns, got {b}")
   if _checks.shape_of("lam", lam) != ():
     raise ValueError(f"lam: expected a scalar, got shape {_checks.shape_of('lam', lam)}")
+  _checks.check_nonnegative("lam", lam)   # as lasso: a negative lam is no LASSO (nor its dual)
   dtype = _checks.float_dtype(X, y, beta)
   return jnp.asarray(X, dtype), jnp.asarray(y, dtype), jnp.asarray(beta, dtype), jnp.asarray(lam, dtype)
 

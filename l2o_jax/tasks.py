@@ -59,6 +59,9 @@ def support_indices(support, d: int, s: int) -> np.ndarray:
     if not _checks.is_concrete(support):
       raise ValueError("support: expected a concrete int or index array, got a traced value")
     idx = np.asarray(support)
+    if idx.ndim == 0:
+      raise ValueError(f"support: expected an int k (the first k coordinates) or a 1-D index array, got a "
+                       f"0-d array {support!r}; pass int(support) for the first k")
     if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
       raise ValueError(f"support: expected a non-empty 1-D integer index array, got shape {idx.shape} dtype {idx.dtype}")
     if idx.min() < 0 or idx.max() >= d:

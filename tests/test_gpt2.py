@@ -198,6 +198,8 @@ def test_bad_inputs(params, task):
     gpt2.predict_batch(params, too_long, jnp.zeros((B, MAX_POINTS)), xq)
   with pytest.raises(ValueError, match="x_query: expected shape"):
     gpt2.predict(params, X[0], y[0], xq[0, :-1])
+  with pytest.raises(ValueError, match=rf"got n = {MAX_POINTS} demonstrations \(shape \({MAX_POINTS}, {D}\)\)"):
+    gpt2.predict(params, too_long[0], jnp.zeros(MAX_POINTS), xq[0])   # one instance: its own shape
   with pytest.raises(ValueError, match="attention"):
     gpt2.predict_batch(params, X, y, xq, attention="flash")
   with pytest.raises(ValueError, match="width"):

@@ -291,6 +291,12 @@ def test_relaunch_keeps_earlier_depth_references():
   assert runner._merge_references(old, new) == {
       "none": {"ista": 1.0, "ista_per_k": {"1": 2.0, "2": 1.5}, "lam": 0.1, "lasso": 0.5},
       "support4": {"ista": 3.0}}
+  # The same curve recomputed: read back from JSON its keys are strings, recomputed ints; merged
+  # they must stay one key per n, or writing results.json fails (a relaunch crashed on it).
+  old = {"none": {"ista_per_prompt_length": {"2": 1.0, "4": 0.5}}}
+  merged = runner._merge_references(old, {"none": {"ista_per_prompt_length": {2: 1.0, 4: 0.5, 6: 0.25}}})
+  assert merged == {"none": {"ista_per_prompt_length": {"2": 1.0, "4": 0.5, "6": 0.25}}}
+  json.dumps(merged, sort_keys=True)   # as writers.write_json
 
 
 def test_classical_table_uses_the_noise_level():

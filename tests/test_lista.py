@@ -263,6 +263,15 @@ def test_bad_inputs_raise(task):
     lista.lista_vm_init(1, K, D)
   with pytest.raises(ValueError, match="task: expected an l2o_jax.Task"):
     lista.evaluate("lista_vm", p, tuple(task))
+  # Host-side inits under a transform, and make_objective's lam / X_fixed, fail at once with a reason.
+  with pytest.raises(ValueError, match="key: got a traced value; LISTA inits are built on the host"):
+    jax.jit(lambda k: lista.lista_vm_init(k, K, D))(jax.random.key(0))
+  with pytest.raises(ValueError, match="key: got a traced value"):
+    jax.vmap(lambda k: lista.init("lista", k, num_layers=K, d=D, n=N))(jax.random.split(jax.random.key(0), 2))
+  with pytest.raises(ValueError, match="lam: expected"):
+    lista.make_objective("lista", protocol="fixed", d=D, n=N, X_fixed=np.ones((N, D)), lam=-1.0)
+  with pytest.raises(ValueError, match="X_fixed: expected finite entries"):
+    lista.make_objective("lista", protocol="fixed", d=D, n=N, X_fixed=np.full((N, D), np.nan))
 
 
 def test_integer_and_float64_inputs():

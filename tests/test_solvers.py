@@ -131,6 +131,8 @@ def test_best_subset_recovers_noiseless_beta():
     (lambda X, y: L.lasso(X, y[:, None], 0.1), "y: expected a 1-D array"),
     (lambda X, y: L.lasso_objective(X, y, np.ones((20, 1)), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
     (lambda X, y: L.duality_gap(X, y, np.ones(19), 0.1), r"beta: expected shape \(d,\) = \(20,\)"),
+    (lambda X, y: L.duality_gap(X, y, np.ones(20), -0.1), "lam: expected values >= 0"),
+    (lambda X, y: L.lasso_objective(X, y, np.ones(20), -0.1), "lam: expected values >= 0"),
     (lambda X, y: L.lipschitz(X[0]), "X: expected a 2-D array"),
     (lambda X, y: L.lasso_implicit(X, y, 0.1, np.ones(19)), r"beta: expected shape \(d,\) = \(20,\)"),
     (lambda X, y: L.lasso_implicit(X, y, -0.1, np.ones(20)), "lam: expected values >= 0"),

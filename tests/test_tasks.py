@@ -83,6 +83,7 @@ def test_jit_and_determinism():
     (dict(batch=4, s=4, support=3), "s: expected s <= size of the support prior"),
     (dict(batch=4, support=25), "support"),
     (dict(batch=4, support=np.array([0, 0, 1])), "support: expected distinct"),
+    (dict(batch=4, support=np.array(10)), r"support: .*got a 0-d array .*pass int\(support\)"),
     (dict(batch=4, X=np.zeros((5, 20))), r"X: expected shape \(n, d\) = \(10, 20\), got \(5, 20\)"),
     (dict(batch=4, X=np.zeros((10,))), "X: expected a 2-D array"),
     (dict(batch=4, X=np.full((10, 20), np.nan)), "X: expected finite entries"),

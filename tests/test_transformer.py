@@ -232,6 +232,7 @@ def test_gpt2_dispatch(task):
     (lambda p: init_params("gpt2", jax.random.key(0), d=d, n=N, heads=2), r"model_kwargs: .*\['heads'\].*'num_heads'"),
     (lambda p: SmallTF(d=d, num_layers=1, qk_scal=1.0), r"init_kw: unknown keyword\(s\) \['qk_scal'\]"),
     (lambda p: SmallTF(params=p, readout="linear"), r"params: the model comes from params, so \['readout'\]"),
+    (lambda p: SmallTF(d=d, num_layers=1), r"rngs: expected nnx.Rngs .*got None"),   # not a silent key(0)
     (lambda p: make_objective("gpt2", width=30, num_heads=8), "width: expected a multiple of num_heads"),
     (lambda p: x_tilde(jnp.zeros((3, d)), jnp.zeros(d + 1)), r"x_query: expected shape \(4,\)"),
 ])

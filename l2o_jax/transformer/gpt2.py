@@ -136,12 +136,18 @@ def _check_batch(params, X, y, x_query):
     raise ValueError(f"y: expected shape (B, n) = {(B, n)} to match X {(B, n, d)}, got {y_shape}")
   if q_shape != (B, d):
     raise ValueError(f"x_query: expected shape (B, d) = {(B, d)} to match X {(B, n, d)}, got {q_shape}")
+  _check_fits(cfg, n, d, (B, n, d))
+  return B, n, d
+
+
+def _check_fits(cfg, n, d, shape):
+  """X's d matches the read-in and its n demonstrations plus the query fit the position table;
+  `shape` is X's shape as the caller passed it (one instance or a batch)."""
   if d != cfg["d"]:
-    raise ValueError(f"X: expected d = {cfg['d']} columns (the model's read-in), got shape {(B, n, d)}")
+    raise ValueError(f"X: expected d = {cfg['d']} columns (the model's read-in), got shape {shape}")
   if n + 1 > cfg["max_points"]:
     raise ValueError(f"X: expected n + 1 <= max_points = {cfg['max_points']} points, got n = {n} "
-                     f"demonstrations (shape {(B, n, d)})")
-  return B, n, d
+                     f"demonstrations (shape {shape})")
 
 
 def tokens(X, y, x_query):
@@ -238,6 +244,7 @@ def predict(params, X, y, x_query, *, attention: str = "einsum"):
   q_shape = _checks.check_ndim("x_query", x_query, 1, f"(d,) = ({d},) matching X")
   if q_shape != (d,):
     raise ValueError(f"x_query: expected shape ({d},) to match X {(n, d)}, got {q_shape}")
+  _check_fits(_check_params(params), n, d, (n, d))
   X, y, x_query = _checks.as_float(X, y, x_query, like=params)
   return predict_batch(params, X[None], y[None], x_query[None], attention=attention)[0]
 

@@ -355,7 +355,10 @@ try:  # A thin flax.nnx wrapper for users who want a Module; training uses the p
                                      mlp_hidden=mlp_hidden, readout=readout, **init_kw).items()
                if v is not None}
       if params is None:
-        key = rngs.params() if rngs is not None else jax.random.key(0)
+        if rngs is None:   # as nnx.Linear: a silent fixed key would make every model the same
+          raise ValueError("rngs: expected nnx.Rngs to initialise the parameters (e.g. rngs=nnx.Rngs(0)), "
+                           "got None; or pass params=")
+        key = rngs.params()
         # Defaults: the paper's Small TF, d = 20, 12 blocks, 4 heads, query read-out.
         params = small_tf_init(key, **{"d": 20, "num_layers": 12, "num_heads": 4, "readout": "query",
                                        **given})
