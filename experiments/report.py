@@ -358,10 +358,12 @@ def prompt_length(run, out_dir: str, support=None):
   ns = sorted(set().union({N} if marks else set(), *[s.keys() for _, s in series]))
   fig, ax = plt.subplots(figsize=(8, 4))
   rows = []
+  # References in greys, so that red means the meta-trained marks only (the paper's "red marks").
+  ref_colors = {LABELS["ista"]: "0.6", LABELS["fista"]: "0.4", LABELS["lasso"]: "k"}
   for label, s in series:
     xs = sorted(s)
-    ax.plot(xs, [s[n] for n in xs], marker="o", label=label, ls="-" if label not in LABELS.values()
-            or label in ("LISTA-VM", "LISTA-VM-SS", "Small TF", "GPT-2") else "--")
+    ax.plot(xs, [s[n] for n in xs], marker="o", label=label, color=ref_colors.get(label),
+            ls="--" if label in ref_colors else "-")
     rows.append(f"| {label} | " + " | ".join(f"{s[n]:.3g}" if n in s else "" for n in ns) + " |")
   for label, method, value, on_fixed_x in marks:
     ax.scatter([N], [value], marker=FIXED_N_MARK[method], s=60, zorder=3, label=label,
