@@ -141,6 +141,9 @@ def data_parallel(objective: Objective, mesh: Mesh) -> Objective:
   """
   if mesh.devices.size == 1:
     return objective
+  # The batch's shapes, without sampling: a batch that does not split over the devices is a
+  # ValueError here, not first while the train chunk compiles.
+  _batch_specs(jax.eval_shape(objective.sample, jax.random.key(0)), mesh.devices.size)
   sample = objective.sample
   return objective._replace(sample=lambda key: shard_batch(sample(key), mesh),
                             value_and_grad=functools.partial(mean_value_and_grad, mesh=mesh))

@@ -71,6 +71,12 @@ def _worker(out_path):
   lista_state = train.fit(distributed.data_parallel(lista_objective(), mesh), OPT, 5, steps_per_call=5, log_fn=None,
                           place=lambda s: distributed.replicate(s, mesh)).state
   np.savez(out_path, *_leaves(state), *_leaves(lista_state), result.losses)   # losses: the reported per-step means
+  # A batch of 6 does not split over 4 devices: refused when wrapped, before any compile.
+  try:
+    distributed.data_parallel(OBJ._replace(sample=lambda key: tasks.sample_tasks(key, 6, d=6, n=4, s=2)), mesh)
+    info["bad_batch"] = None
+  except ValueError as e:
+    info["bad_batch"] = str(e)
   print(json.dumps(info))
 
 
@@ -151,6 +157,7 @@ def test_four_devices_match_one_device(tmp_path, one_device, child_env):
   assert "data" in info["spec"]                    # the batch really is split over devices
   assert info["same_data"]                         # and holds the same numbers as on one device
   assert info["replicated"]                        # parameters replicated on all 4
+  assert "multiple of the number of devices (4), got leading size 6" in info["bad_batch"]
   four = np.load(out)
   one = _leaves(one_device.state)
   one += _leaves(train.fit(lista_objective(), OPT, 5, steps_per_call=5, log_fn=None).state)
