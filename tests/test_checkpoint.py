@@ -283,3 +283,40 @@ def test_nonfinite_parameters_from_finite_gradients_are_never_saved(tmp_path):
 
 if __name__ == "__main__":
   _worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else -1)
+
+
+def _damage(step_dir):
+  for root, _, files in os.walk(step_dir / "default"):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+
+
+def test_restore_checks_counter_dtype_extras_and_moves_every_newer_failure(tmp_path):
+  # Paths a mutation audit found untested: the stored step counter must match its directory, a
+  # dtype change is a mismatch (not corruption), the extras of kept steps stay, and every newer
+  # step that fails is moved aside once an older one restores.
+  like = train.init_states(OBJ, OPT, (0,))
+  at = lambda s: like._replace(step=jnp.full_like(like.step, s))
+  ckpt = checkpoint.Checkpointer(tmp_path / "a", max_to_keep=2)
+  ckpt.save(like, step=7)                                  # counter 0 in directory 7
+  with pytest.raises(checkpoint.CheckpointRestoreError, match="stored step counter 0 != directory step 7"):
+    ckpt.restore_latest(like)
+  ckpt = checkpoint.Checkpointer(tmp_path / "b", max_to_keep=2)
+  ckpt.save(at(1), extra={"a": 1})
+  ckpt.save(at(2), extra={"a": 2})
+  assert ckpt.extra(1) == {"a": 1} and ckpt.extra(2) == {"a": 2}
+  ckpt.save(at(3), extra={"a": 3})                         # step 1 leaves orbax's window
+  assert ckpt.extra(1) == {} and ckpt.extra(2) == {"a": 2}
+  half = like._replace(params=jax.tree_util.tree_map(lambda x: x.astype(jnp.float16), like.params))
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="stored as float32"):
+    ckpt.restore_latest(half)
+  ckpt = checkpoint.Checkpointer(tmp_path / "c", max_to_keep=3)
+  for s in (10, 20, 30):
+    ckpt.save(at(s))
+  _damage(tmp_path / "c" / "20")
+  _damage(tmp_path / "c" / "30")
+  with pytest.warns(RuntimeWarning, match="could not be restored"):
+    state, step = ckpt.restore_latest(like)
+  assert step == 10 and int(state.step[0]) == 10 and ckpt.steps() == [10]
+  assert len([p for p in os.listdir(tmp_path / "c") if p.startswith("corrupt-")]) == 2

@@ -263,6 +263,7 @@ def test_auto_cpu_devices_divides_the_batches(monkeypatch):
   assert distributed.auto_cpu_devices() == 6
   assert distributed.auto_cpu_devices([64]) == 4
   assert distributed.auto_cpu_devices([128, 500]) == 4
+  assert distributed.auto_cpu_devices([32, 256]) == 2     # the smallest batch sets the floor
   assert distributed.auto_cpu_devices([63]) == 3
   assert distributed.auto_cpu_devices([7]) == 1
   assert distributed.auto_cpu_devices([96]) == 6

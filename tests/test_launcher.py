@@ -407,7 +407,9 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   c.lista.lam = 0.1
   c.studies = "layers"
   out = runner.run(c, str(tmp_path), log=logs.append)
-  assert json.load(open(tmp_path / "results.json"))["studies"] == ["fig3", "layers"]
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["studies"] == ["fig3", "layers"]
+  assert "1" in saved["references"]["none"]["ista_per_k"]   # the layers figure's ISTA / FISTA columns
   (name, layer_job), = [(k, v) for k, v in out["jobs"].items() if k != "lista_vm"]
   assert layer_job["steps"] == 0 and layer_job["curve"] == [] and np.isfinite(layer_job["pred_error"]["mean"])
   assert checkpoint.Checkpointer(tmp_path / name / "checkpoints").steps() == []
@@ -567,3 +569,89 @@ def test_per_method_learning_rates_and_clip_norms():
   assert runner.lista_lr_and_clip(c, runner.Job("lista_vm_ss", support=3)) == (1e-2, 10.0)
   assert runner.lista_lr_and_clip(c, runner.Job("lista_vm")) == (1e-3, None)
   assert runner.lista_lr_and_clip(c, runner.Job("lista_meta")) == (1e-3, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths a mutation audit (twenty-second session) found untested.
+
+
+def test_plan_jobs_covers_every_study_of_the_quick_preset():
+  c = quick.get_config()   # all studies
+  jobs = runner.plan_jobs(c)
+  names = [j.name for j in jobs]
+  assert len(names) == len(set(names))
+  for name in ("lista_vm_ss-support10", "small_tf-support10-query", "small_tf-linear", "small_tf-query_dagger",
+               "lista_vm-K16", "lista_meta", "alista"):
+    assert name in names, (name, names)
+  assert {j.support for j in jobs if "support" in j.name} == {c.fig1b.support}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tf.gpt2_width": 30}, r"tf.gpt2_width: expected a multiple of tf.gpt2_heads=4, got 30"),
+    ({"layers.ks": ""}, r"layers.ks: expected at least one depth"),
+])
+def test_config_validation_more_fields(overrides, message):
+  c = quick.get_config()
+  for field, value in overrides.items():
+    section, _, name = field.rpartition(".")
+    c[section][name] = value
+  with pytest.raises(runner.ConfigError, match=message):
+    runner.validate(c)
+  c = quick.get_config()
+  c.problem.d = c.problem.s = 3
+  c.fig1b.support = 3
+  runner.validate(c)   # s = d is allowed (every coordinate may be nonzero)
+
+
+def test_job_device_records(tmp_path):
+  # A job without a checkpoint (killed before its first save) starts afresh on any device count
+  # and records the new one; the newest unfinished job's count is the one a relaunch reuses.
+  job = tmp_path / "w" / "a"
+  os.makedirs(job)
+  other = jax.device_count() + 2
+  writers.write_json(str(job / runner.DEVICES_FILE), {"devices": other, "platform": "cpu"})
+  runner.check_job_devices(str(job), has_checkpoint=False)
+  assert json.load(open(job / runner.DEVICES_FILE))["devices"] == jax.device_count()
+  for name, devices, mtime in (("old", 5, 1_000), ("new", 3, 2_000)):
+    os.makedirs(tmp_path / "v" / name)
+    path = tmp_path / "v" / name / runner.DEVICES_FILE
+    writers.write_json(str(path), {"devices": devices, "platform": "cpu"})
+    os.utime(path, (mtime, mtime))
+  assert runner.unfinished_job_devices(str(tmp_path / "v")) == 3
+
+
+def test_references_index_depths_and_support():
+  # Depth K entries come from the trajectory at K (not its end); the prompt-length references
+  # use the support prior's test set; a newer launch's reference values win in the merge.
+  c = tiny_config()
+  c.eval.num_tasks, c.eval.iters = 16, 2
+  r = runner.references(c, ks=[1, 3], prompt_lengths=False)
+  assert r["ista_per_k"][1] == pytest.approx(r["ista_per_layer"][0])
+  assert r["ista_per_layer"][1] == pytest.approx(r["ista"]) and r["ista_per_k"][3] != pytest.approx(r["ista"])
+  assert r["fista_per_k"][1] != pytest.approx(r["fista_per_k"][3])
+  plain, prior = runner.reference_prompt_lengths(c), runner.reference_prompt_lengths(c, support=4)
+  assert prior["lasso_per_prompt_length"] != plain["lasso_per_prompt_length"]
+  lasso = runner.reference_solvers(c)["lasso"]
+  assert prior["lasso_per_prompt_length"] == runner._per_prompt_length_masked(
+      lasso, runner.prompt_length_tasks(c, support=4), [2, 4, 6])
+  merged = runner._merge_references({"none": {"ista": 1.0, "ista_per_k": {"1": 2.0}}},
+                                    {"none": {"ista": 0.9, "ista_per_k": {1: 1.9}}})
+  assert merged == {"none": {"ista": 0.9, "ista_per_k": {"1": 1.9}}}
+
+
+def test_evaluate_job_fixed_x_and_support_paths():
+  from l2o_jax import lista
+  c = tiny_config()
+  c.eval.num_tasks = 16
+  task = runner.test_tasks(c, 16, salt=2)
+  fixed_task = runner.test_tasks(c, 16, X=runner.fixed_X(c), salt=3)
+  job = runner.Job("lista")
+  p = runner.make_objective(c, job)[0].init(jax.random.key(0))
+  out = runner.evaluate_job(c, job, p, task, full=True, fixed_task=fixed_task)
+  assert out["pred_error_fixed_x"] == pytest.approx(lista.evaluate("lista", p, fixed_task)["pred_error"])
+  assert out["pred_error_fixed_x"] != pytest.approx(out["pred_error"])
+  # LISTA-VM trained on support-prior data applies no mask itself (only LISTA-VM-SS does).
+  job = runner.Job("lista_vm", support=4)
+  p = runner.make_objective(c, job)[0].init(jax.random.key(0))
+  out = runner.evaluate_job(c, job, p, task, full=False)
+  assert out["pred_error"] == pytest.approx(lista.evaluate("lista_vm", p, task)["pred_error"])

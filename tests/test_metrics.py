@@ -66,6 +66,8 @@ def test_per_prompt_length_uses_first_n():
     L.per_prompt_length(est, t, lengths=[0])
   with pytest.raises(ValueError, match="lengths"):
     L.per_prompt_length(est, t, lengths=[2.7])          # not silently n = 2
+  with pytest.raises(ValueError, match="lengths"):
+    L.per_prompt_length(est, t, lengths=[7])            # not silently the 6 demonstrations there are
   with pytest.raises(ValueError, match="task: expected an l2o_jax.Task"):
     L.per_prompt_length(est, tuple(t), lengths=[1])
   with pytest.raises(ValueError, match=r"lengths: expected at least one prompt length"):
@@ -98,3 +100,8 @@ def test_median_errors_count_nan_as_worst():
                              np.median((yq - np.sum(xq * b, axis=1)) ** 2), rtol=1e-6)
   with pytest.raises(ValueError, match="x_query"):
     L.median_prediction_error(yq, xq[:, :2], b)
+
+
+def test_mean_interval_draws_the_given_number_of_resamples():
+  lo, hi = L.mean_interval(np.arange(10.0), resamples=1)   # one resample: a single mean, lo = hi
+  assert lo == hi

@@ -107,7 +107,7 @@ def test_report_writes_every_figure_and_table(tmp_path):
           "fista_per_k": {str(k): 1.5 / k for k in (1, 2, 4, 8, 16)},
           "ista_per_layer": [2.0 / k for k in range(1, 13)], "fista_per_layer": [1.5 / k for k in range(1, 13)],
           **{f"{m}_per_prompt_length": {str(n): 5.0 / n for n in (2, 4, 6, 8, 10, 15, 20)} for m in ("ista", "fista", "lasso")}}
-  writers.write_json(str(wd / "results.json"), {"references": {"none": refs, "support10": refs},
+  writers.write_json(str(wd / "results.json"), {"references": {"none": refs, "support10": {**refs, "lasso": 0.25}},
                                                  "classical_table": "| lam | ISTA |\n|---|---|\n| 0.1 | 1.2 |"})
   figures, md = report.report([str(wd)], str(tmp_path / "out"))
   names = {os.path.basename(f) for f in figures}
@@ -136,6 +136,12 @@ def test_report_writes_every_figure_and_table(tmp_path):
   assert "| LISTA on its training X |  |  |  |  | 0.05 |  |  |" in text
   assert "| LISTA (meta) (n = N only) |  |  |  |  | 3.1 |  |  |" in text
   assert "| LISTA-VM | 3.4 | 1.7 | 1.13 | 0.85 | 0.68 | 0.453 | 0.34 |" in text
+  sec_a = text[text.index("### Figure 1a setting"):]
+  sec_a = sec_a[:sec_a.index("![](")]
+  assert sec_a.count("| LISTA-VM |") == 1                  # not the depth-study jobs (lista_vm-K*)
+  assert sec_a.count("| Small TF |") == 1 and "| Small TF | 1.5 |" in sec_a   # the preset's read-out only
+  bars_b = text[text.index("### Figure 1b: S = 3"):]
+  assert "| LASSO (converged) | 0.25 |" in bars_b[:bars_b.index("![](")]      # Figure 1b's own references
   sec = text[text.index("### Figure 1b setting (S = 3, support in first 10): error vs prompt length"):]
   sec = sec[:sec.index("![](")]
   assert "| LISTA-VM-SS | 0.35 | 0.175 |" in sec and "| LISTA-VM | 3.5 |" in sec and "| ISTA | 2.5 |" in sec
@@ -170,3 +176,28 @@ def test_report_titles_skipped_oracle_and_runs_with_one_folder_name(tmp_path):
   figs = sorted(os.path.relpath(f, tmp_path / "out") for f in figures if f.endswith("fig1a.png"))
   assert figs == ["run-2/fig1a.png", "run/fig1a.png"]
   assert "](run/fig1a.png)" in text and "](run-2/fig1a.png)" in text
+
+
+def test_prompt_length_edges_and_unfinished_jobs(tmp_path):
+  # Lengths up to N only: no "beyond N" note; N itself not among the lengths: the n = N marks
+  # still get their column. An unfinished job shows its last logged step.
+  for lengths, beyond in (("2,4,10", False), ("2,4", False), ("2,4,15", True)):
+    c = quick.get_config()
+    c.studies, c.fig1a.methods, c.eval.prompt_lengths = "fig1a", "lista,lista_vm", lengths
+    wd = tmp_path / lengths.replace(",", "_")
+    os.makedirs(wd / "lista"), os.makedirs(wd / "lista_vm")
+    writers.write_json(str(wd / "config.json"), json.loads(c.to_json()))
+    for j in (_job("lista", 6.0), _job("lista_vm", 0.7)):
+      if j["method"] == "lista_vm":
+        j["per_prompt_length"] = {n: _stats(1.0) for n in lengths.split(",")}
+      writers.write_json(str(wd / j["job"] / "results.json"), j)
+    os.makedirs(wd / "ghost" / "checkpoints")
+    (wd / "ghost" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train_loss": 0.5}) + "\n"
+                                                        for s in (10, 30)))
+    _, md = report.report([str(wd)], str(wd / "out"))
+    text = open(md).read()
+    assert ("Columns n > N = 10 lie beyond" in text) == beyond
+    ns = sorted({int(n) for n in lengths.split(",")} | {10})
+    assert "| method | " + " | ".join(f"n={n}" for n in ns) + " |" in text
+    assert "| LISTA (n = N only) | " + " | ".join("6" if n == 10 else "" for n in ns) + " |" in text
+    assert "| ghost | 30 | 0.5 | - |" in text

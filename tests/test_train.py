@@ -223,3 +223,11 @@ def test_second_sigterm_reaches_the_previous_handler():
       assert seen == [signal.SIGTERM]
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_first_nonfinite_names_the_seed_that_failed_first():
+  finite = np.array([[True, True, True, True], [True, False, False, False]])
+  loss = np.where(finite, 1.0, np.nan)
+  seed, step, value = T.first_nonfinite({"finite": finite, "loss": loss}, 100)
+  assert (seed, step) == (1, 101) and np.isnan(value)
+  assert T.first_nonfinite({"finite": finite[:1], "loss": loss[:1]}, 100) is None

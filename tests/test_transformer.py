@@ -235,6 +235,7 @@ def test_gpt2_dispatch(task):
     (lambda p: SmallTF(d=d, num_layers=1), r"rngs: expected nnx.Rngs .*got None"),   # not a silent key(0)
     (lambda p: make_objective("gpt2", width=30, num_heads=8), "width: expected a multiple of num_heads"),
     (lambda p: x_tilde(jnp.zeros((3, d)), jnp.zeros(d + 1)), r"x_query: expected shape \(4,\)"),
+    (lambda p: query_dagger_readout(jnp.zeros((D, 5)), jnp.zeros((3, d - 1))), "X_tilde"),   # d - 1 columns
 ])
 def test_bad_inputs_raise(tf_params, call, match):
   with pytest.raises(ValueError, match=match):
