@@ -319,7 +319,7 @@ def test_oracle_reference_left_out_beyond_its_size(monkeypatch):
     L.best_subset(np.ones((3, 40)), np.ones(3), 8)
 
 
-def test_tiny_run_writes_every_output_and_report(tmp_path):
+def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   c = tiny_config()
   c.layers.ks, c.layers.steps = "1", 0    # for the second launch below (layers study, untrained)
   logs = []
@@ -405,10 +405,14 @@ def test_tiny_run_writes_every_output_and_report(tmp_path):
   # Another study launched into the same workdir: results.json and the report keep both, and
   # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
   c.lista.lam = 0.1
+  monkeypatch.setattr(runner, "classical", lambda c, workdir, log: "| the classical table |")
+  c.studies = "classical"
+  runner.run(c, str(tmp_path), log=logs.append)
   c.studies = "layers"
   out = runner.run(c, str(tmp_path), log=logs.append)
   saved = json.load(open(tmp_path / "results.json"))
-  assert saved["studies"] == ["fig3", "layers"]
+  assert saved["studies"] == ["fig3", "classical", "layers"]
+  assert saved["classical_table"] == "| the classical table |"   # kept by a launch without it
   assert "1" in saved["references"]["none"]["ista_per_k"]   # the layers figure's ISTA / FISTA columns
   (name, layer_job), = [(k, v) for k, v in out["jobs"].items() if k != "lista_vm"]
   assert layer_job["steps"] == 0 and layer_job["curve"] == [] and np.isfinite(layer_job["pred_error"]["mean"])
