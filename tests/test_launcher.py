@@ -338,6 +338,15 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   res = json.load(open(job / "results.json"))
   assert res["steps"] == 20 and res["seeds"] == [0] and np.isfinite(res["pred_error"]["mean"])
   assert res["skipped_nonfinite_steps"] == 0 and res["resumed_from_step"] == 0
+  # Killed after step 20's metrics line but before its checkpoint and results: the relaunch
+  # resumes from step 10 and rewrites step 20's line instead of adding a second one.
+  import shutil
+  shutil.rmtree(job / "checkpoints" / "20")
+  os.remove(job / "results.json")
+  runner.run(c, str(tmp_path), log=logs.append)
+  assert [m["step"] for m in writers.read_jsonl(str(job / "metrics.jsonl"))] == [10, 20]
+  again = json.load(open(job / "results.json"))
+  assert again["resumed_from_step"] == 10 and again["pred_error"] == res["pred_error"]   # exact resume
   assert sorted(res["per_prompt_length"]) == ["2", "4", "6"]  # LISTA-VM takes any n, also beyond N = 4
   assert "per_prompt_length_skipped" not in res
   assert out["jobs"]["lista_vm"]["pred_error"] == res["pred_error"]
