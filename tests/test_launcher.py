@@ -642,6 +642,11 @@ def test_references_index_depths_and_support():
   assert r["ista_per_k"][1] == pytest.approx(r["ista_per_layer"][0])
   assert r["ista_per_layer"][1] == pytest.approx(r["ista"]) and r["ista_per_k"][3] != pytest.approx(r["ista"])
   assert r["fista_per_k"][1] != pytest.approx(r["fista_per_k"][3])
+  import l2o_jax as L
+  task = runner.test_tasks(c, c.eval.num_tasks, salt=2)       # the references' test set
+  beta = jax.vmap(lambda X, y: L.ista(X, y, c.eval.lam, 2))(task.X, task.y)
+  assert r["ista_median"] == pytest.approx(float(L.median_error(L.prediction_errors(task.y_query, task.x_query, beta))),
+                                           rel=1e-5)   # at K = eval.iters, not at the deepest K
   plain, prior = runner.reference_prompt_lengths(c), runner.reference_prompt_lengths(c, support=4)
   assert prior["lasso_per_prompt_length"] != plain["lasso_per_prompt_length"]
   lasso = runner.reference_solvers(c)["lasso"]
