@@ -42,6 +42,12 @@ def check_ndim(name: str, x, ndim: int, what: str) -> tuple[int, ...]:
   return shape
 
 
+def check_finite(name: str, x, what: str = "entries") -> None:
+  """Rejects NaN or inf in a concrete array (a traced one is left to the caller's computation)."""
+  if x is not None and is_concrete(x) and not np.all(np.isfinite(np.asarray(x, np.float64))):
+    raise ValueError(f"{name}: expected finite {what}, got NaN or inf")
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")

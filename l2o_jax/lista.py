@@ -60,8 +60,7 @@ def _check_sizes(num_layers, d, n, lam, X, key=None):
   n = _checks.check_positive_int("n", n)
   _checks.check_nonnegative("lam", lam)
   shape = None if X is None else _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d})")
-  if X is not None and _checks.is_concrete(X) and not np.all(np.isfinite(np.asarray(X, np.float64))):
-    raise ValueError(f"X: expected finite entries (the init computes lambda_max(X^T X)), got NaN or inf")
+  _checks.check_finite("X", X, "entries (the init computes lambda_max(X^T X))")
   return num_layers, d, n, shape
 
 
@@ -206,7 +205,6 @@ def lista_vm_init(key_or_none, num_layers: int, d: int, *, n: int | None = None,
   """
   if key_or_none is not None:
     _checks.check_key("key_or_none", key_or_none)
-  _checks.check_host("X", X, _HOST_INIT)
   if X is not None and n is None:
     n = _checks.check_ndim("X", X, 2, f"(n, {d})")[0]
   num_layers, d, n, shape = _check_sizes(num_layers, d, 10 if n is None else n, lam, X, key_or_none)
@@ -412,8 +410,7 @@ def make_objective(method: str, *, protocol: str, d: int = 20, n: int = 10, s: i
     shape = _checks.check_ndim("X_fixed", X_fixed, 2, f"(n, d) = ({n}, {d})")
     if shape != (n, d):
       raise ValueError(f"X_fixed: expected shape (n, d) = ({n}, {d}), got {shape}")
-    if _checks.is_concrete(X_fixed) and not np.all(np.isfinite(np.asarray(X_fixed, np.float64))):
-      raise ValueError("X_fixed: expected finite entries, got NaN or inf")
+    _checks.check_finite("X_fixed", X_fixed)
     if matrices_per_batch is not None:
       raise ValueError(f"matrices_per_batch: only used by protocol 'meta', got {matrices_per_batch}")
     X_fixed = jnp.asarray(X_fixed, jnp.float32)

@@ -127,8 +127,7 @@ def sample_tasks(key, batch: int, *, d: int = 20, n: int = 10, s: int = 3, suppo
     x_fixed = _checks.check_ndim("X", X, 2, f"(n, d) = ({n}, {d}) shared by all instances")
     if x_fixed != (n, d):
       raise ValueError(f"X: expected shape (n, d) = ({n}, {d}), got {x_fixed}")
-    if _checks.is_concrete(X) and not np.all(np.isfinite(np.asarray(X))):
-      raise ValueError("X: expected finite entries in the fixed measurement matrix, got NaN or inf")
+    _checks.check_finite("X", X, "entries in the fixed measurement matrix")
     X = jnp.asarray(X, jnp.float32)
   _checks.check_key("key", key)
   return _sample(key, jnp.asarray(idx), jnp.asarray(noise_std, jnp.float32), x_std, X,

@@ -78,8 +78,7 @@ def construct_lista_vm_transformer(lista_vm_params, bound, *, support=None) -> d
     # B multiplies the indicator products; an infinite B gives inf * 0 = NaN in every token.
     raise ValueError(f"bound: expected a finite B > 0 (it silences the x-only keys), got {float(bound)}")
   M = lista_vm_params["M"]   # (theta is checked finite above); a NaN would surface only as NaN tokens
-  if _checks.is_concrete(M) and not np.all(np.isfinite(np.asarray(M))):
-    raise ValueError("lista_vm_params['M']: expected finite values, got NaN or inf")
+  _checks.check_finite("lista_vm_params['M']", M, "values")
   P = np.diag(support_mask(support, d)) if support is not None else np.eye(d, dtype=np.float32)
   return _construct(jnp.asarray(lista_vm_params["M"]), jnp.asarray(lista_vm_params["theta"]),
                     jnp.asarray(bound), jnp.asarray(P))
