@@ -126,22 +126,49 @@ def _lasso_objective(X, y, beta, lam):
 
 
 def duality_gap(X, y, beta, lam):
-  """LASSO duality gap at beta, using the dual point nu = s r with r = y - X beta and
-  s = min(1, lam / ||X^T r||_inf) (feasible: ||X^T nu||_inf <= lam).
+  """LASSO duality gap at beta, an upper bound on P(beta) - min P (P the objective above).
 
-  Written as 0.5 (1 - s)^2 ||r||^2 + sum_i (lam |beta_i| - s beta_i [X^T r]_i), which equals
-  P(beta) - D(nu) exactly but avoids cancelling two large objective values. One instance:
-  X (n, d), y (n,), beta (d,), lam >= 0 a scalar.
+  The dual point, with r = y - X beta: for lam > 0, nu = s r with s = min(1, lam / ||X^T r||_inf)
+  (feasible: ||X^T nu||_inf <= lam), and the gap is written as
+  0.5 (1 - s)^2 ||r||^2 + sum_i (lam |beta_i| - s beta_i [X^T r]_i), which equals P(beta) - D(nu)
+  exactly but avoids cancelling two large objective values. At lam = 0 (least squares) that
+  point degenerates to nu = 0, which certifies nothing unless r = 0; there nu = (I - P_X) r, the
+  residual's part orthogonal to X's column space (X^T nu = 0), and the gap is
+  0.5 ||P_X r||^2, exactly P(beta) - min P (P_X from an SVD of X; directions with singular
+  values below numpy.linalg.lstsq's cutoff count as outside the column space).
+  One instance: X (n, d), y (n,), beta (d,), lam >= 0 a scalar.
   """
-  return _duality_gap(*_check_beta(X, y, beta, lam))
+  X, y, beta, lam = _check_beta(X, y, beta, lam)
+  return _duality_gap(X, y, beta, lam, _ls_basis(X, lam))
 
 
-def _duality_gap(X, y, beta, lam):
+def _ls_basis(X, lam):
+  """U (n, min(n, d)) with U U^T = P_X, the projector onto X's column space, at lam = 0: the left
+  singular vectors of X, those whose singular value is at most max(n, d) eps sigma_max
+  (numpy.linalg.lstsq's rcond) zeroed. Zeros when lam != 0, where `_duality_gap` does not use it;
+  the SVD then does not run (lax.cond; both branches run only if lam is vmapped)."""
+  n, d = X.shape
+  k = min(n, d)
+  if k == 0:
+    return jnp.zeros((n, 0), X.dtype)
+
+  def basis(X):
+    U, S, _ = jnp.linalg.svd(X, full_matrices=False)
+    return U * (S > max(n, d) * jnp.finfo(X.dtype).eps * S[0])
+
+  return lax.cond(lam == 0, basis, lambda X: jnp.zeros((n, k), X.dtype), X)
+
+
+def _duality_gap(X, y, beta, lam, U):
+  """`duality_gap` with U = _ls_basis(X, lam)."""
   r = y - X @ beta
   g = X.T @ r
   gmax = jnp.max(jnp.abs(g), initial=0.0)   # initial: d = 0 has no entries
   s = jnp.minimum(1.0, lam / jnp.maximum(gmax, jnp.finfo(X.dtype).tiny))
-  return 0.5 * (1.0 - s) ** 2 * (r @ r) + jnp.sum(lam * jnp.abs(beta) - s * beta * g)
+  # At lam = 0, s = 0 and the dual point is (I - P_X) r: ||r||^2 becomes ||P_X r||^2 = ||U^T r||^2.
+  p = U.T @ r
+  rr = jnp.where(lam == 0, p @ p, r @ r)
+  return 0.5 * (1.0 - s) ** 2 * rr + jnp.sum(lam * jnp.abs(beta) - s * beta * g)
 
 
 class LassoInfo(NamedTuple):
@@ -229,10 +256,10 @@ def _tol_for(dtype, tol):
   return float(tol)
 
 
-def _lasso_run(X, y, lam, carry, it, gap, limit, threshold, check_every):
+def _lasso_run(X, y, lam, U, carry, it, gap, limit, threshold, check_every):
   """FISTA-with-restart iterations on one instance from `carry` = (beta, z, t) until the gap
   meets `threshold` or `it` reaches `limit` (checked every `check_every` iterations; a last block
-  that would pass `limit` stops at it, so at most `limit` iterations run)."""
+  that would pass `limit` stops at it, so at most `limit` iterations run). U: `_ls_basis`."""
   L = lipschitz(X)
   Xty = X.T @ y
 
@@ -254,14 +281,14 @@ def _lasso_run(X, y, lam, carry, it, gap, limit, threshold, check_every):
   def body(state):
     carry, it, _ = state
     carry, _ = lax.scan(fista_step, carry, it + jnp.arange(check_every, dtype=it.dtype))
-    return carry, jnp.minimum(it + check_every, limit), _duality_gap(X, y, carry[0], lam)
+    return carry, jnp.minimum(it + check_every, limit), _duality_gap(X, y, carry[0], lam, U)
 
   return lax.while_loop(cond, body, (carry, it, gap))
 
 
-def _lasso_start(X, y, lam):
+def _lasso_start(X, y, lam, U):
   zero = jnp.zeros(X.shape[1], X.dtype)
-  return (zero, zero, jnp.ones((), X.dtype)), jnp.zeros((), jnp.int32), _duality_gap(X, y, zero, lam)
+  return (zero, zero, jnp.ones((), X.dtype)), jnp.zeros((), jnp.int32), _duality_gap(X, y, zero, lam, U)
 
 
 def _gap_threshold(y, tol):
@@ -274,30 +301,50 @@ def _lasso(X, y, lam, *, tol, max_iters, check_every):
   # the optimality conditions at their result (`_lasso_solution`, inside the jit: no eager cost).
   Xs, ys, lams = (lax.stop_gradient(a) for a in (X, y, lam))
   threshold = _gap_threshold(ys, tol)
-  carry, it, gap = _lasso_start(Xs, ys, lams)
-  (beta, _, _), iters, gap = _lasso_run(Xs, ys, lams, carry, it, gap, max_iters, threshold, check_every)
+  U = _ls_basis(Xs, lams)
+  carry, it, gap = _lasso_start(Xs, ys, lams, U)
+  (beta, _, _), iters, gap = _lasso_run(Xs, ys, lams, U, carry, it, gap, max_iters, threshold, check_every)
   # lam < 0 is rejected up front when concrete; a traced one leaves a meaningless "gap".
   return LassoInfo(_lasso_solution(X, y, lam, beta), gap, iters, (gap <= threshold) & (lams >= 0))
 
 
 @functools.partial(jax.jit, static_argnames=("tol",))
-def _lasso_batch_start(X, y, lam, *, tol):
-  carry, it, gap = jax.vmap(_lasso_start, in_axes=(0, 0, None))(X, y, lam)
+def _lasso_batch_start(X, y, lam, U, *, tol):
+  carry, it, gap = jax.vmap(_lasso_start, in_axes=(0, 0, None, 0))(X, y, lam, U)
   return carry, it, gap, jax.vmap(_gap_threshold, in_axes=(0, None))(y, tol)
 
 
+@jax.jit
+def _ls_bases(X):
+  """`_ls_basis` of every instance of X (B, n, d) at lam = 0."""
+  return jax.vmap(_ls_basis, in_axes=(0, None))(X, jnp.zeros((), X.dtype))
+
+
+def _batch_bases(X, lam):
+  """Per-instance `_ls_basis` for lasso_batch's concrete lam: (B, n, 0), nothing to compute,
+  unless lam = 0."""
+  return _ls_bases(X) if float(lam) == 0 else jnp.zeros(X.shape[:2] + (0,), X.dtype)
+
+
+@jax.jit
+def _ls_gaps(X, y, beta):
+  """`duality_gap` at lam = 0 of every instance of a batch."""
+  return jax.vmap(lambda X, y, b, U: _duality_gap(X, y, b, jnp.zeros((), X.dtype), U))(X, y, beta, _ls_bases(X))
+
+
 @functools.partial(jax.jit, static_argnames=("check_every", "chunk"))
-def _lasso_batch_round(X, y, lam, carry, it, gap, limit, threshold, *, check_every, chunk):
-  run = lambda args: _lasso_run(args[0], args[1], lam, args[2], args[3], args[4], limit, args[5],
+def _lasso_batch_round(X, y, lam, U, carry, it, gap, limit, threshold, *, check_every, chunk):
+  run = lambda args: _lasso_run(args[0], args[1], lam, args[2], args[3], args[4], args[5], limit, args[6],
                                 check_every)
   # lax.map over cache-sized chunks: a vmapped iteration over the whole batch streams all of X
   # from memory every step (memory-bound), while a chunk's X stays in cache for all its steps.
-  return lax.map(run, (X, y, carry, it, gap, threshold), batch_size=min(chunk, X.shape[0]))
+  return lax.map(run, (X, y, U, carry, it, gap, threshold), batch_size=min(chunk, X.shape[0]))
 
 
 def _fista_batch(X, y, lam, tol, *, max_iters, check_every, first_round, chunk):
   """FISTA-with-restart (`lasso`) on a batch, in rounds with host compaction (see lasso_batch)."""
-  carry, it, gap, threshold = _lasso_batch_start(X, y, lam, tol=tol)
+  U = _batch_bases(X, lam)
+  carry, it, gap, threshold = _lasso_batch_start(X, y, lam, U, tol=tol)
   state = jax.tree_util.tree_map(np.array, (carry, it, gap))
   threshold = np.asarray(threshold)
   active = np.arange(X.shape[0])
@@ -309,7 +356,7 @@ def _fista_batch(X, y, lam, tol, *, max_iters, check_every, first_round, chunk):
     bucket = active.size if active.size == X.shape[0] else 1 << (active.size - 1).bit_length()
     idx = np.concatenate([active, np.full(bucket - active.size, active[0])])
     sub = jax.tree_util.tree_map(lambda a: a[idx], state)
-    out = _lasso_batch_round(X[idx], y[idx], lam, *sub, jnp.asarray(limit, jnp.int32), threshold[idx],
+    out = _lasso_batch_round(X[idx], y[idx], lam, U[idx], *sub, jnp.asarray(limit, jnp.int32), threshold[idx],
                              check_every=check_every, chunk=chunk)
     out = jax.tree_util.tree_map(np.asarray, out)
     for dst, src in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(out)):
@@ -667,6 +714,8 @@ def lasso_batch(X, y, lam, tol: float | None = None, *, method: str = "homotopy"
     beta, gap, iters, threshold = _fista_batch(X, y, lam, tol, **fista_args)
   else:
     beta, gap, iters, threshold = _homotopy_batch(X, y, lam, tol, max_steps=max_steps, chunk=chunk)
+    if float(lam) == 0:   # the path's own gap uses the lam > 0 dual point (see duality_gap)
+      gap = np.where(np.isfinite(gap), np.asarray(_ls_gaps(X, y, jnp.asarray(beta))), gap)
     redo = np.flatnonzero(~(gap <= threshold))
     if redo.size:
       sel = jnp.asarray(redo)

@@ -272,8 +272,8 @@ def test_lasso_batch_homotopy_matches_sklearn_float64():
 
 def test_lasso_batch_homotopy_lam0_least_squares_float64():
   # Overdetermined (n > d): the lam = 0 path ends at the least-squares solution, with all d
-  # variables active; scikit-learn's coordinate descent (alpha = 0) and lstsq agree. Noiseless, as
-  # the certificate needs: at lam = 0 the dual point s r has s = 0, so the gap is (1/2)||r||^2.
+  # variables active; scikit-learn's coordinate descent (alpha = 0) and lstsq agree. Noiseless
+  # here; noisy data (a nonzero residual) in test_lam0_certificate_is_least_squares_suboptimality.
   rng = np.random.default_rng(6)
   X = rng.normal(size=(4, 30, 8))
   y = np.einsum("bnd,bd->bn", X, rng.normal(size=(4, 8)))
@@ -285,6 +285,44 @@ def test_lasso_batch_homotopy_lam0_least_squares_float64():
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # scikit-learn advises LinearRegression for alpha = 0
         np.testing.assert_allclose(info.beta[k], sklearn_lasso(X[k], y[k], 0.0), atol=1e-5)
+
+
+def test_lam0_certificate_is_least_squares_suboptimality():
+  """At lam = 0 (least squares) with noise, the residual at the optimum is nonzero; the gap is
+  then (1/2)||P_X r||^2, which is exactly f(beta) - min f (against numpy's lstsq), and every
+  solver certifies: lasso, lasso_batch's homotopy and FISTA methods, in float32 and float64. One
+  instance has two equal columns (rank deficient: the optimum is not unique, its value is)."""
+  rng = np.random.default_rng(6)
+  B, n, d = 6, 30, 8
+  X = rng.normal(size=(B, n, d))
+  X[1, :, 3] = X[1, :, 2]
+  y = np.einsum("bnd,bd->bn", X, rng.normal(size=(B, d))) + 0.5 * rng.normal(size=(B, n))
+  f = lambda k, b: 0.5 * np.sum((y[k] - X[k] @ np.asarray(b, np.float64)) ** 2)
+  fstar = [f(k, np.linalg.lstsq(X[k], y[k], rcond=None)[0]) for k in range(B)]
+  scale = np.maximum(1.0, 0.5 * np.sum(y * y, axis=1))
+  with jax.enable_x64():
+    # The gap at arbitrary points is the suboptimality itself (and the lam > 0 formula's
+    # (1/2)||r||^2 would be far above it).
+    for k in range(B):
+      b = rng.normal(size=d)
+      np.testing.assert_allclose(float(L.duality_gap(X[k], y[k], b, 0.0)), f(k, b) - fstar[k], rtol=1e-9)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-5)):
+      Xa, ya = jnp.asarray(X.astype(dtype)), jnp.asarray(y.astype(dtype))
+      infos = {"lasso": jax.vmap(lambda a, b: L.lasso(a, b, 0.0, return_info=True))(Xa, ya),
+               "homotopy": L.lasso_batch(Xa, ya, 0.0),
+               "fista": L.lasso_batch(Xa, ya, 0.0, method="fista")}
+      for name, info in infos.items():
+        assert info.beta.dtype == dtype and info.converged.tolist() == [True] * B, name
+        subopt = np.array([f(k, info.beta[k]) - fstar[k] for k in range(B)])
+        # float32: the certificate is computed in float32, so allow its round-off on top of tol.
+        assert np.all(subopt <= (tol if dtype == np.float64 else 3 * tol) * scale), (name, subopt / scale)
+      # The full-rank instances are certified at the path's end, not by the FISTA fallback
+      # (which would add at least check_every = 10 iterations to the path's ~d + 1 steps).
+      assert np.all(np.delete(np.asarray(infos["homotopy"].num_iters), 1) <= 2 * d)
+  # vmapped over lam, 0 included: the SVD branch runs next to the lam > 0 one.
+  info = jax.vmap(lambda lam: L.lasso(X[0].astype(np.float32), y[0].astype(np.float32), lam,
+                                      return_info=True))(jnp.array([0.0, 0.1]))
+  assert info.converged.tolist() == [True, True]
 
 
 def test_lasso_batch_homotopy_float32_certified_and_matches_fista():
