@@ -71,6 +71,7 @@ def _worker(out_path):
   lista_state = train.fit(distributed.data_parallel(lista_objective(), mesh), OPT, 5, steps_per_call=5, log_fn=None,
                           place=lambda s: distributed.replicate(s, mesh)).state
   np.savez(out_path, *_leaves(state), *_leaves(lista_state), result.losses)   # losses: the reported per-step means
+  info["gpu_path_rel_diff"] = _gpu_path_rel_diff(mesh)
   # A batch of 6 does not split over 4 devices: refused when wrapped, before any compile.
   try:
     distributed.data_parallel(OBJ._replace(sample=lambda key: tasks.sample_tasks(key, 6, d=6, n=4, s=2)), mesh)
@@ -78,6 +79,30 @@ def _worker(out_path):
   except ValueError as e:
     info["bad_batch"] = str(e)
   print(json.dumps(info))
+
+
+def _gpu_path_rel_diff(mesh) -> dict:
+  """Per model, the largest relative difference between the data-parallel loss and gradients
+  traced for the CPU and traced as for a GPU (jax.default_backend patched): plain matmuls instead
+  of `ops.dense` / `ops.bmm`'s custom VJPs, one causal block. Runs the GPU code path here, where
+  CI has no GPU; inside shard_map it is the replicated-weight x per-device-data typing that must
+  still sum the weight gradients over devices."""
+  from l2o_jax.transformer import make_objective
+  out = {}
+  for model, kw in (("small_tf", dict(num_layers=2)), ("gpt2", dict(num_layers=2, width=32, num_heads=4))):
+    grads = []
+    for backend in ("cpu", "gpu"):
+      orig = jax.default_backend
+      jax.default_backend = lambda backend=backend: backend
+      try:
+        obj = make_objective(model, d=5, n=6, batch=8, **kw)
+        params, batch = obj.init(jax.random.key(0)), obj.sample(jax.random.key(1))
+        grads.append(jax.jit(lambda p, b, obj=obj: distributed.mean_value_and_grad(obj.loss, p, b, mesh=mesh))(params, batch))
+      finally:
+        jax.default_backend = orig
+    out[model] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(np.asarray(a))) + 1e-30))
+                     for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads), strict=True))
+  return out
 
 
 def _sharded_batch_info(objective):
@@ -158,6 +183,9 @@ def test_four_devices_match_one_device(tmp_path, one_device, child_env):
   assert info["same_data"]                         # and holds the same numbers as on one device
   assert info["replicated"]                        # parameters replicated on all 4
   assert "multiple of the number of devices (4), got leading size 6" in info["bad_batch"]
+  # The GPU code path (plain matmuls) gives the same data-parallel loss and gradients.
+  assert set(info["gpu_path_rel_diff"]) == {"small_tf", "gpt2"}
+  assert all(v < 1e-5 for v in info["gpu_path_rel_diff"].values()), info["gpu_path_rel_diff"]
   four = np.load(out)
   one = _leaves(one_device.state)
   one += _leaves(train.fit(lista_objective(), OPT, 5, steps_per_call=5, log_fn=None).state)
