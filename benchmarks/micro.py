@@ -13,6 +13,7 @@
                                              # a rolled scan, vs every token in the last block
   python -m benchmarks.micro --only=small_tf_chunk  # the Small TF train chunk as benchmarks.run
                                              # times it: 2 (default), 1 and 3 causal blocks
+                                             # (--causal-blocks=2,4,8 --n=80: other counts, length)
   python -m benchmarks.micro --only=allreduce # the same chunk: psum of the gradient pytree
                                              # (default) vs one flat gradient buffer
   python -m benchmarks.micro --only=microbatch # the same chunk: one backward pass per device
@@ -172,29 +173,30 @@ def _chunk_call(objective, lr, steps, devices):
   return call
 
 
-def _small_tf_chunk_call(steps):
+def _small_tf_chunk_call(steps, n=10):
   """(row prefix, call) of the Small TF train chunk as benchmarks.run times it (query loss,
-  batch 64, every CPU device data parallel). Module-level switches it reads
-  (`small_tf.CPU_CAUSAL_BLOCKS`, `distributed.mean_value_and_grad`) take effect here."""
+  batch 64, every CPU device data parallel; n demonstrations, T = 2n + 1 tokens). Module-level
+  switches it reads (`small_tf.CPU_CAUSAL_BLOCKS`, `distributed.mean_value_and_grad`) take effect here."""
   import jax
   from benchmarks.run import TRAIN_LR
   from l2o_jax.transformer import make_objective
-  call = _chunk_call(make_objective("small_tf", batch=64), TRAIN_LR["small_tf"], steps, jax.devices())
-  return f"Small TF train chunk, batch 64, {jax.device_count()} devices", call
+  call = _chunk_call(make_objective("small_tf", batch=64, n=n), TRAIN_LR["small_tf"], steps, jax.devices())
+  return f"Small TF train chunk, batch 64, n = {n}, {jax.device_count()} devices", call
 
 
-def bench_small_tf_chunk(repeats: int, steps: int = 10) -> dict:
+def bench_small_tf_chunk(repeats: int, steps: int = 10, n: int = 10, blocks_list=None) -> dict:
   """The Small TF train chunk (query loss, batch 64, every CPU device data parallel, as
   experiments.main and benchmarks.run train it) with the attention's query tokens in 1, 2 (the
-  CPU default) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`). Rows are ms per train step."""
+  CPU default at n = 10) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`), or the counts in `blocks_list`
+  (`--causal-blocks`), at prompt length n (`--n`). Rows are ms per train step."""
   from l2o_jax.transformer import small_tf as stf
-  default, fns = stf.CPU_CAUSAL_BLOCKS, {}
-  for blocks in (default, 1, 3):
+  default, fns = stf._causal_blocks(None, 2 * n + 1), {}
+  for blocks in blocks_list or (default, 1, 3):
     stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call, in _chunk_call)
     try:
-      prefix, call = _small_tf_chunk_call(steps)
+      prefix, call = _small_tf_chunk_call(steps, n)
     finally:
-      stf.CPU_CAUSAL_BLOCKS = default
+      stf.CPU_CAUSAL_BLOCKS = None
     label = f"{blocks} causal block{'s' * (blocks > 1)}{' (default)' * (blocks == default)}"
     fns[f"{prefix}: {label}, ms per step"] = call
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
@@ -410,6 +412,9 @@ def main(argv=None):
                  help="comma-separated: dense, gpt2, update, small_tf, small_tf_chunk, allreduce, "
                       "microbatch, gemm_shapes, gemm_devices, small_tf_rusage, devices")
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--n", type=int, default=10, help="small_tf_chunk: demonstrations per prompt")
+  p.add_argument("--causal-blocks", default=None,
+                 help="small_tf_chunk: comma-separated causal block counts (default: 2,1,3)")
   args = p.parse_args(argv)
   import jax
   if {"devices", "gemm_devices", "small_tf_chunk", "small_tf_rusage", "allreduce", "microbatch"} & set(args.only.split(",")):
@@ -418,7 +423,9 @@ def main(argv=None):
   rows = {}
   for name in args.only.split(","):
     rows.update({"dense": bench_dense, "gpt2": bench_gpt2, "update": bench_update, "small_tf": bench_small_tf,
-                 "small_tf_chunk": bench_small_tf_chunk, "allreduce": bench_allreduce,
+                 "small_tf_chunk": lambda r: bench_small_tf_chunk(
+                     r, n=args.n, blocks_list=args.causal_blocks and [int(b) for b in args.causal_blocks.split(",")]),
+                 "allreduce": bench_allreduce,
                  "microbatch": bench_microbatch,
                  "gemm_shapes": bench_gemm_shapes, "gemm_devices": bench_gemm_devices,
                  "small_tf_rusage": bench_small_tf_rusage,

@@ -144,7 +144,7 @@ def tracing_for_cpu() -> bool:
   layout choices tuned to XLA:CPU. Here: `dense` and `bmm` take their custom gradients only on
   the CPU; GPUs and TPUs take transposed operands natively (cuBLAS's transpose flags), so there
   the copies and barriers would only add kernels to a step, and plain autodiff is used. Small TF's
-  causal query blocks (`small_tf.CPU_CAUSAL_BLOCKS`) use it too."""
+  causal query blocks (`small_tf._causal_blocks`) use it too."""
   return jax.default_backend() == "cpu"
 
 

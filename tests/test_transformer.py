@@ -247,7 +247,7 @@ def test_bad_inputs_raise(tf_params, call, match):
 def test_batch_major_training_path_equals_vmapped_definition(task, readout, causal_blocks):
   """The objective's token-major forward (small_tf._predict_batch, ops.dense) equals the
   per-instance Definition 3.3 pass under vmap: predictions and parameter gradients; with the
-  attention's query tokens in the default CPU_CAUSAL_BLOCKS, 1 or 3 blocks, or one per token
+  attention's query tokens in the default blocks, 1 or 3 blocks, or one per token
   (more blocks than tokens)."""
   params = jax.jit(lambda k: small_tf_init(k, d=d, num_layers=2, num_heads=2, mlp_hidden=7,
                                           out_scale=1.0, readout=readout))(jax.random.key(4))
@@ -318,12 +318,17 @@ def test_score_clip_caps_attention_weights(task, tf_params):
 
 
 def test_causal_blocks_default_per_backend(monkeypatch):
-  """The attention's query blocks: CPU_CAUSAL_BLOCKS when tracing for the CPU, one elsewhere
-  (launch-bound GPU products), an explicit count always wins."""
-  assert stf._causal_blocks(None) == (stf.CPU_CAUSAL_BLOCKS if jax.default_backend() == "cpu" else 1)
+  """The attention's query blocks: on the CPU about one per CPU_TOKENS_PER_BLOCK tokens and at
+  least CPU_MIN_CAUSAL_BLOCKS (2 at the paper's T = 21, 4 at T = 81, 8 at T = 161), or
+  CPU_CAUSAL_BLOCKS when set; one elsewhere (launch-bound GPU products); an explicit count
+  always wins."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert [stf._causal_blocks(None, T) for T in (1, 21, 41, 81, 161)] == [2, 2, 2, 4, 8]
+  monkeypatch.setattr(stf, "CPU_CAUSAL_BLOCKS", 3)
+  assert stf._causal_blocks(None, 161) == 3
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert stf._causal_blocks(None) == 1
-  assert stf._causal_blocks(3) == 3
+  assert stf._causal_blocks(None, 21) == 1 and stf._causal_blocks(None, 161) == 1
+  assert stf._causal_blocks(3, 21) == 3
 
 
 def test_small_tf_init_scales():

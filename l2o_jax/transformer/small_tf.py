@@ -96,19 +96,29 @@ def _head_stacks(a):
           jnp.transpose(a["V"], (0, 2, 1)).reshape(M * D, D))
 
 
-# The masked score matrix is lower triangular, so on a CPU the attention products run over this
-# many query blocks, each only against the keys up to its last query (the 1/i mask zeroes the
-# rest): at T = 21 two blocks do 331 of the 441 (query, key) pairs per head, 0-9% off the CPU
-# train step per run (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES). Elsewhere
-# one block: a GPU's tiny batched products are launch-bound, so splitting them would only add
-# kernels (unmeasured).
-CPU_CAUSAL_BLOCKS = 2
+# The masked score matrix is lower triangular, so on a CPU the attention products run over query
+# blocks, each only against the keys up to its last query (the 1/i mask zeroes the rest): at
+# T = 21 two blocks do 331 of the 441 (query, key) pairs per head, 0-9% off the CPU train step per
+# run (`python -m benchmarks.micro --only=small_tf_chunk`, BUILD_NOTES); more blocks there are no
+# faster (smaller products, more copies). Longer prompts gain from more: about one block per
+# CPU_TOKENS_PER_BLOCK tokens, at least CPU_MIN_CAUSAL_BLOCKS (T = 81: 4 blocks, T = 161: 8, each
+# 4-13% faster than 2 per step: `... --n=40 --causal-blocks=2,4` and `--n=80 --causal-blocks=2,4,8`).
+# Elsewhere one block: a GPU's tiny batched products are launch-bound, so splitting them would
+# only add kernels (unmeasured).
+CPU_MIN_CAUSAL_BLOCKS = 2
+CPU_TOKENS_PER_BLOCK = 20
+CPU_CAUSAL_BLOCKS = None   # an int forces that many blocks on the CPU (benchmarks.micro's A/B)
 
 
-def _causal_blocks(blocks):
+def _causal_blocks(blocks, T):
+  """Query blocks for T tokens: `blocks` when given, else the backend's default (above)."""
   if blocks is not None:
     return blocks
-  return CPU_CAUSAL_BLOCKS if tracing_for_cpu() else 1
+  if not tracing_for_cpu():
+    return 1
+  if CPU_CAUSAL_BLOCKS is not None:
+    return CPU_CAUSAL_BLOCKS
+  return max(CPU_MIN_CAUSAL_BLOCKS, round(T / CPU_TOKENS_PER_BLOCK))
 
 
 def _masked_values(G, H, mask, blocks, score_clip=None):
@@ -117,7 +127,7 @@ def _masked_values(G, H, mask, blocks, score_clip=None):
   backend's default, `_causal_blocks`); group [lo, hi) needs keys j < hi only. `score_clip`: see
   `ops.attention_weights` (None: the paper's ReLU)."""
   B, T, M, D = G.shape
-  blocks = _causal_blocks(blocks)
+  blocks = _causal_blocks(blocks, T)
   edges = sorted({round(T * k / blocks) for k in range(blocks + 1)})
   Z = []
   for lo, hi in zip(edges[:-1], edges[1:]):
