@@ -414,7 +414,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--n", type=int, default=10, help="small_tf_chunk: demonstrations per prompt")
   p.add_argument("--causal-blocks", default=None,
-                 help="small_tf_chunk: comma-separated causal block counts (default: 2,1,3)")
+                 help="small_tf_chunk: comma-separated causal block counts (default: the CPU default at --n, 1 and 3)")
   args = p.parse_args(argv)
   import jax
   if {"devices", "gemm_devices", "small_tf_chunk", "small_tf_rusage", "allreduce", "microbatch"} & set(args.only.split(",")):
