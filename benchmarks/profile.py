@@ -23,12 +23,12 @@ import re
 import tempfile
 
 
-def profile(model: str, steps: int, top: int, cpu_devices: int = 1, batch: int = 64) -> str:
+def profile(model: str, steps: int, top: int, cpu_devices: int = 1, batch: int = 64, n: int = 10) -> str:
   import jax
   from l2o_jax import distributed, train
   from l2o_jax.transformer import make_objective
   distributed.set_cpu_devices(cpu_devices)
-  objective = make_objective(model, d=20, n=10, batch=batch, loss_on="all" if model == "gpt2" else "query")
+  objective = make_objective(model, d=20, n=n, batch=batch, loss_on="all" if model == "gpt2" else "query")
   optimizer = train.make_optimizer(1e-4, clip_norm=None)
   state = train.init_state(objective, optimizer, 0)
   if cpu_devices > 1:   # data parallel, as benchmarks.run and experiments.main train on a CPU host
@@ -74,11 +74,12 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10, help="train steps in the profiled chunk")
   p.add_argument("--top", type=int, default=30, help="rows of the per-op table")
   p.add_argument("--batch", type=int, default=64, help="instances per step (all devices together)")
+  p.add_argument("--n", type=int, default=10, help="demonstrations per prompt (the paper's N = 10)")
   p.add_argument("--cpu-devices", type=int, default=1,
                  help="split the host into this many JAX devices, batch data parallel over them "
                       "(op times then sum over the devices)")
   args = p.parse_args(argv)
-  print(profile(args.model, args.steps, args.top, args.cpu_devices, args.batch))
+  print(profile(args.model, args.steps, args.top, args.cpu_devices, args.batch, args.n))
 
 
 if __name__ == "__main__":
