@@ -190,13 +190,14 @@ def bench_small_tf_chunk(repeats: int, steps: int = 10, n: int = 10, blocks_list
   CPU default at n = 10) and 3 causal blocks (`small_tf.CPU_CAUSAL_BLOCKS`), or the counts in `blocks_list`
   (`--causal-blocks`), at prompt length n (`--n`). Rows are ms per train step."""
   from l2o_jax.transformer import small_tf as stf
+  saved = stf.CPU_CAUSAL_BLOCKS
   default, fns = stf._causal_blocks(None, 2 * n + 1), {}
   for blocks in blocks_list or (default, 1, 3):
     stf.CPU_CAUSAL_BLOCKS = blocks   # read when the chunk is traced (its first call, in _chunk_call)
     try:
       prefix, call = _small_tf_chunk_call(steps, n)
     finally:
-      stf.CPU_CAUSAL_BLOCKS = None
+      stf.CPU_CAUSAL_BLOCKS = saved
     label = f"{blocks} causal block{'s' * (blocks > 1)}{' (default)' * (blocks == default)}"
     fns[f"{prefix}: {label}, ms per step"] = call
   return {k: (lo / steps, med / steps) for k, (lo, med) in _time(fns, repeats).items()}
