@@ -7,7 +7,8 @@ Runs `train.make_train_chunk` once to compile, then once under `jax.profiler.tra
 perfetto trace, sums each op's durations (ms per step; ops that use the thread pool count once
 per thread, so the total can exceed the wall time) and groups them by (op kind, output shape,
 source op) from the compiled HLO. The first table splits the total into GEMMs (`ynn_fusion*`,
-`dot*`: XLA:CPU's YNNPACK and Eigen matmuls) and the other op kinds. This is how the numbers in
+`dot*`: XLA:CPU's YNNPACK and Eigen matmuls) and the other op kinds; the last table places the
+data-parallel synchronisation (`Rendezvous`, `Wait: ...`) inside the HLO op that waits. This is how the numbers in
 BUILD_NOTES ("~13 of ~70 ms in the scan's residual plumbing", "~720 of ~1,040 profiled ms are
 GEMMs") were found.
 """
@@ -55,6 +56,7 @@ def profile(model: str, steps: int, top: int, cpu_devices: int = 1, batch: int =
     if m:
       # transpose(jvp(...)) marks the backward pass
       source[m.group(1)] = (m.group(2), re.sub(r"^jit\(chunk\)/while/body/(closed_call/)?", "", m.group(3)))
+  sync = _sync_by_enclosing_op(events, set(source), steps)
   kinds, groups = collections.Counter(), collections.Counter()
   for name, ms in per_op.items():
     kind = name.split(".")[0]
@@ -65,7 +67,30 @@ def profile(model: str, steps: int, top: int, cpu_devices: int = 1, batch: int =
   lines += [f"| {k} | {v:.2f} |" for k, v in kinds.most_common(12)]
   lines += ["", "| ms/step | op | output | source |", "|---:|---|---|---|"]
   lines += [f"| {v:.2f} | {k} | {shape} | {src[-70:]} |" for (k, shape, src), v in groups.most_common(top)]
+  lines += ["", "| ms/step | synchronisation event | innermost enclosing HLO op on its thread |", "|---:|---|---|"]
+  lines += [f"| {v:.2f} | {event} | {op} |" for (event, op), v in sync.most_common()]
   return "\n".join(lines)
+
+
+def _sync_by_enclosing_op(events, hlo_ops: set, steps: int) -> collections.Counter:
+  """ms per step of the `Rendezvous` and `Wait: ...` events by the innermost HLO op enclosing each
+  on the same thread: inside a collective (e.g. `all-reduce`) they are a device waiting for the
+  others to reach it, i.e. load imbalance between the devices, not an intra-op thread-pool stall."""
+  threads = collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e:
+      threads[(e.get("pid"), e.get("tid"))].append(e)
+  out = collections.Counter()
+  for es in threads.values():
+    open_ = []   # events enclosing the current one, outermost first
+    for e in sorted(es, key=lambda e: (e["ts"], -e["dur"])):
+      while open_ and open_[-1]["ts"] + open_[-1]["dur"] <= e["ts"]:
+        open_.pop()
+      if e["name"] == "Rendezvous" or e["name"].startswith("Wait:"):
+        op = next((f["name"] for f in reversed(open_) if f["name"] in hlo_ops), None)
+        out[(e["name"], op.split(".")[0] if op else "(none)")] += e["dur"] / 1e3 / steps
+      open_.append(e)
+  return out
 
 
 def main(argv=None):

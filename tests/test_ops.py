@@ -171,3 +171,16 @@ def test_micro_benchmark_dense_smoke():
   from benchmarks import micro
   rows = micro.bench_dense(1, T=8, K=4, N=6)
   assert {"ops.dense"} <= set(rows) and all(lo > 0 for lo, _ in rows.values())
+
+
+def test_profile_places_sync_events_in_their_enclosing_hlo_op():
+  """benchmarks.profile's synchronisation table: each Rendezvous / Wait event is charged to the
+  innermost enclosing HLO op on its own thread (not another thread's, not a non-HLO span)."""
+  from benchmarks.profile import _sync_by_enclosing_op
+  ev = lambda name, ts, dur, tid=1: {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+  events = [ev("ThunkExecutor::Execute", 0, 100), ev("all-reduce.1", 10, 50), ev("Rendezvous", 12, 40),
+            ev("Wait: pending_threads=1/2", 15, 30), ev("fusion.3", 70, 20), ev("Wait: pending_threads=1/2", 75, 4),
+            ev("Rendezvous", 200, 6), ev("all-reduce.1", 0, 500, tid=2)]
+  out = _sync_by_enclosing_op(events, {"all-reduce.1", "fusion.3"}, steps=2)
+  assert dict(out) == pytest.approx({("Rendezvous", "all-reduce"): 0.02, ("Wait: pending_threads=1/2", "all-reduce"): 0.015,
+                                     ("Wait: pending_threads=1/2", "fusion"): 0.002, ("Rendezvous", "(none)"): 0.003})
