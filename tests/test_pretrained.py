@@ -25,5 +25,6 @@ def test_shipped_small_tf_reproduces_its_reported_test_error():
   task = runner.test_tasks(m.config, m.config.eval.num_tasks, salt=FINAL_SALT)
   pred = jax.jit(jax.vmap(m.predict))(task.X, task.y, task.x_query)
   err = float(np.mean((np.asarray(task.y_query) - np.asarray(pred)) ** 2))
-  # Same float32 model and prompts; only reduction order may differ from the run's evaluation.
-  np.testing.assert_allclose(err, reported, rtol=1e-3)
+  # Same float32 model and prompts; only kernels and reduction order may differ from the run's
+  # evaluation (9e-8 relative on the machine that trained it; the wrong test set is 8% off).
+  np.testing.assert_allclose(err, reported, rtol=1e-4)
