@@ -415,7 +415,7 @@ def make_objective(c, job: Job) -> tuple[train.Objective, Any, int, int, int, in
 # Salts of the fixed test sets (fold_in of the eval seed): 1 the training curves, 2 the final
 # numbers (N = problem.n demonstrations), 3 the fixed-X methods on their training X, 4 the
 # prompt-length curves (n_max = max(eval.prompt_lengths, problem.n) demonstrations).
-PROMPT_LENGTH_SALT = 4
+CURVE_SALT, FINAL_SALT, FIXED_X_SALT, PROMPT_LENGTH_SALT = 1, 2, 3, 4
 
 
 def test_tasks(c, num_tasks: int, *, support=None, X=None, salt: int = 0, n: int | None = None) -> L.Task:
@@ -563,7 +563,7 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
   metrics_path = os.path.join(jobdir, "metrics.jsonl")
   events = writers.EventWriter(jobdir) if chief else None
   metrics_log = None
-  curve_task = test_tasks(c, c.eval.curve_tasks, support=job.support, salt=1)
+  curve_task = test_tasks(c, c.eval.curve_tasks, support=job.support, salt=CURVE_SALT)
   batch = c.lista_train.batch if job.family == "lista" else c.tf_train.batch
   t_start = time.time()
 
@@ -603,8 +603,8 @@ def run_job(c, job: Job, workdir: str, *, mesh, stop: Callable[[], bool], log: C
     checkpointer.close()
   if result.interrupted:
     return None
-  task = test_tasks(c, c.eval.num_tasks, support=job.support, salt=2)
-  fixed_task = (test_tasks(c, c.eval.num_tasks, support=job.support, X=fixed_X(c), salt=3)
+  task = test_tasks(c, c.eval.num_tasks, support=job.support, salt=FINAL_SALT)
+  fixed_task = (test_tasks(c, c.eval.num_tasks, support=job.support, X=fixed_X(c), salt=FIXED_X_SALT)
                 if job.method in FIXED_X else None)
   ppl_task = prompt_length_tasks(c, support=job.support) if has_prompt_lengths(job) else None
   per_seed = [evaluate_job(c, job, _seed_params(result.state.params, i), task, full=True,
@@ -643,7 +643,7 @@ def oracle_supports(c, support=None) -> int:
 def references(c, *, support=None, ks=None, prompt_lengths: bool = True) -> dict:
   """ISTA, FISTA (K = eval.iters, or every K in `ks`), converged LASSO and the oracle."""
   p, lam = c.problem, c.eval.lam
-  task = test_tasks(c, c.eval.num_tasks, support=support, salt=2)
+  task = test_tasks(c, c.eval.num_tasks, support=support, salt=FINAL_SALT)
   err = lambda beta: float(L.prediction_error(task.y_query, task.x_query, beta))
   out = {}
   K = max([c.eval.iters] + list(ks or []))
