@@ -431,6 +431,9 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
       from experiments import spread
       out = json.load(open(spread_path))
       md += ["### Test-set spread (`experiments.spread`)", "", spread.table(out, out.get("below")), ""]
+      paired = spread.paired_table(out)
+      if paired:
+        md += ["Paired by test set:", "", paired, ""]
       if out.get("tails"):
         md += ["### Where the mean error comes from (`experiments.spread --tails`)", "", spread.tails_table(out), ""]
     md += unfinished_table(run)

@@ -375,6 +375,10 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   assert sp["methods"]["lista_vm"]["set_means"][1] == pytest.approx(direct["pred_error"], rel=1e-5)
   assert sp["methods"]["lista_vm"]["set_means"][0] != pytest.approx(direct["pred_error"], rel=1e-3)
   assert "| lista_vm |" in spread.table(sp)
+  d = np.subtract(sp["methods"]["lista_vm"]["set_means"], sp["methods"]["ISTA"]["set_means"])
+  paired = spread.paired_table(sp).splitlines()      # header, separator, one row per reference
+  assert len(paired) == 5 and (f"| lista_vm − ISTA | {d.min():.4g} / {np.median(d):.4g} / {d.max():.4g} "
+                               f"| {int((d < 0).sum())} of 2 |") in paired
   means = sp["methods"]["lista_vm"]["set_means"]
   assert f"| lista_vm | 1 of 2 |" in spread.table(sp, below=min(means))
   json.dump({**sp, "below": min(means)}, open(tmp_path / "spread.json", "w"))   # as spread.main writes it
@@ -409,7 +413,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   assert "Figure 3" in text and f"{metrics[-1]['test_pred_error']:.4g}" in text
   assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
   assert "Unfinished jobs" not in text
-  assert "### Test-set spread" in text and "| lista_vm | 1 of 2 |" in text
+  assert "### Test-set spread" in text and "| lista_vm | 1 of 2 |" in text and "| lista_vm − LASSO |" in text
   assert "### Where the mean error comes from" in text and "**lista_vm** (" in text
   # Another study launched into the same workdir: results.json and the report keep both, and
   # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
@@ -522,6 +526,20 @@ def test_spread_cli_names_the_bad_argument(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     spread.main(argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_spread_paired_table_pairs_methods_on_the_same_test_sets():
+  def m(means, trained, sets):
+    return {"set_means": means, "trained": trained, "test_sets": sets}
+  out = {"methods": {"a": m([1.0, 2.0, 4.0], True, "no support"), "b": m([1.0, 1.0], True, "support 10"),
+                     "c": m([2.0, 1.0, 3.0], True, "no support"), "ISTA": m([1.5, 2.5, 3.5], False, "no support"),
+                     "ISTA (support 10)": m([2.0, 0.5], False, "support 10")}}
+  rows = spread.paired_table(out).splitlines()[2:]
+  # each pair of trained jobs once, never across test sets, never reference against reference
+  assert rows == ["| a − c | -1 / 1 / 1 | 1 of 3 |", "| a − ISTA | -0.5 / -0.5 / 0.5 | 2 of 3 |",
+                  "| b − ISTA (support 10) | -1 / -0.25 / 0.5 | 1 of 2 |", "| c − ISTA | -1.5 / -0.5 / 0.5 | 2 of 3 |"]
+  old = {"methods": {k: {"set_means": r["set_means"]} for k, r in out["methods"].items()}}
+  assert spread.paired_table(old) == ""        # a spread.json from before these fields
 
 
 def test_spread_conditioning_matches_numpy():
