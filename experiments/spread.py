@@ -170,10 +170,10 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
                     if k + suffix not in out["methods"]})
       for label, fn in fns.items():
         errors = [fn(t) for t in test_sets]
-        # "test_sets" names the sets a method ran on (the support prior picks them), so that
+        # The support prior picks a job's test sets (runner.test_tasks); kept so that
         # `paired_table` only subtracts set means of the same tasks.
         out["methods"][label] = {**summarise(errors), "trained": label in trained_labels,
-                                 "test_sets": f"support {job.support}" if job.support else "no support"}
+                                 "support": job.support}
         if tails:
           per_task[label] = np.concatenate(errors)
         log(f"{label}: done")
@@ -215,7 +215,7 @@ def paired_table(out: dict) -> str:
   rows = []
   for i, a in enumerate(trained_labels):
     for b, rb in ms.items():
-      if b == a or b in trained_labels[:i] or rb.get("test_sets") != ms[a].get("test_sets"):
+      if b == a or b in trained_labels[:i] or rb.get("support") != ms[a].get("support"):
         continue
       diff = np.asarray(ms[a]["set_means"]) - np.asarray(rb["set_means"])
       rows.append(f"| {a} − {b} | {diff.min():.4g} / {np.median(diff):.4g} / {diff.max():.4g} "

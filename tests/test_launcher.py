@@ -529,11 +529,11 @@ def test_spread_cli_names_the_bad_argument(argv, message, capsys):
 
 
 def test_spread_paired_table_pairs_methods_on_the_same_test_sets():
-  def m(means, trained, sets):
-    return {"set_means": means, "trained": trained, "test_sets": sets}
-  out = {"methods": {"a": m([1.0, 2.0, 4.0], True, "no support"), "b": m([1.0, 1.0], True, "support 10"),
-                     "c": m([2.0, 1.0, 3.0], True, "no support"), "ISTA": m([1.5, 2.5, 3.5], False, "no support"),
-                     "ISTA (support 10)": m([2.0, 0.5], False, "support 10")}}
+  def m(means, trained, support):
+    return {"set_means": means, "trained": trained, "support": support}
+  out = {"methods": {"a": m([1.0, 2.0, 4.0], True, None), "b": m([1.0, 1.0], True, 10),
+                     "c": m([2.0, 1.0, 3.0], True, None), "ISTA": m([1.5, 2.5, 3.5], False, None),
+                     "ISTA (support 10)": m([2.0, 0.5], False, 10)}}
   rows = spread.paired_table(out).splitlines()[2:]
   # each pair of trained jobs once, never across test sets, never reference against reference
   assert rows == ["| a − c | -1 / 1 / 1 | 1 of 3 |", "| a − ISTA | -0.5 / -0.5 / 0.5 | 2 of 3 |",
