@@ -11,6 +11,8 @@ reports what it has), and writes into DIR (default: the first WORKDIR's report/)
                            N: dashed line) in Figure 1a's setting: curves for the models that accept
                            any n and the references, marks at n = N for LISTA / LISTA-CP / ALISTA
   prompt_length_supportS.png  the same in Figure 1b's setting (support prior in the first S entries)
+  transformer_training.png test error vs training step of the trained Small TF / GPT-2 jobs (their
+                           evaluations every tf_train.eval_every steps on the curve tasks)
   results.md               every number above as markdown tables
 """
 from __future__ import annotations
@@ -242,6 +244,47 @@ def curves(run, study: str, out_dir: str):
   return path, table
 
 
+TRAINING_TABLE_ROWS = 11   # evaluations shown per Transformer training table (first and last kept)
+
+
+def transformer_training(run, out_dir: str):
+  """Test error vs training step of every trained Transformer job (Small TF, GPT-2).
+
+  Each point is the job's own evaluation during training (`tf_train.eval_every`) on the run's
+  `eval.curve_tasks` curve tasks: one fixed set per support prior, so jobs with the same support are
+  compared on the same tasks at every step. This shows whether a shortened run was still improving
+  and whether two models' order changed during training."""
+  jobs = {name: j for name, j in sorted(run["jobs"].items())
+          if j.get("family") == "tf" and len(j.get("curve") or []) >= 2}
+  if not jobs:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4))
+  by_step = {}
+  for name, j in jobs.items():
+    pts = j["curve"]
+    ax.plot([p["step"] for p in pts], [p["test_pred_error"] for p in pts], label=name)
+    for p in pts:
+      by_step.setdefault(p["step"], {})[name] = p["test_pred_error"]
+  steps = sorted(by_step)
+  if len(steps) > TRAINING_TABLE_ROWS:   # evenly spaced evaluations, the first and the last kept
+    picks = {round(i * (len(steps) - 1) / (TRAINING_TABLE_ROWS - 1)) for i in range(TRAINING_TABLE_ROWS)}
+    steps = [steps[i] for i in sorted(picks)]
+  path = _save_log_figure(fig, ax, out_dir, "transformer_training", xlabel="training step",
+                          ylabel="test prediction error (curve tasks)",
+                          title=f"Transformer training  [{run['config']['name']}]")
+  names = list(jobs)
+  rows = ["| step | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+  for s in steps:
+    rows.append(f"| {s} | " + " | ".join(f"{by_step[s][n]:.4g}" if n in by_step[s] else "" for n in names) + " |")
+  curve_tasks = run["config"]["eval"]["curve_tasks"]
+  table = ["### Transformer training: test error vs step", "",
+           f"Each job's evaluations during training on {curve_tasks} curve tasks (the same tasks for every "
+           f"job with the same support prior; not the final test set)"
+           + (f", {len(steps)} of {len(by_step)} evaluations shown" if len(steps) < len(by_step) else "") + ".",
+           "", *rows, ""]
+  return path, table
+
+
 def _save_log_figure(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: str, title: str,
                      legend_size: int = 8, legend_outside: bool = False) -> str:
   """Log-scale y axis, labels, legend (right of the axes with legend_outside); writes
@@ -418,7 +461,8 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
     parts = [bar_figure(run, "fig1a", sub), bar_figure(run, "fig1b", sub, support=cfg["fig1b"]["support"]),
              fig1c(run, sub), curves(run, "fig2", sub), curves(run, "fig3", sub), layers(run, sub),
              per_layer(run, sub), prompt_length(run, sub),
-             prompt_length(run, sub, support=cfg["fig1b"]["support"]) if "fig1b" in run["studies"] else None]
+             prompt_length(run, sub, support=cfg["fig1b"]["support"]) if "fig1b" in run["studies"] else None,
+             transformer_training(run, sub)]
     for part in parts:
       if part is not None:
         path, table = part

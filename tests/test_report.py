@@ -112,7 +112,7 @@ def test_report_writes_every_figure_and_table(tmp_path):
   figures, md = report.report([str(wd)], str(tmp_path / "out"))
   names = {os.path.basename(f) for f in figures}
   assert names == {"fig1a.png", "fig1b.png", "fig1c.png", "fig2.png", "fig3.png", "layers.png", "per_layer.png",
-                   "prompt_length.png", "prompt_length_support10.png"}
+                   "prompt_length.png", "prompt_length_support10.png", "transformer_training.png"}
   for f in figures:
     assert os.path.getsize(f) > 1000 and open(f, "rb").read(4) == b"\x89PNG"
   text = open(md).read()
@@ -146,8 +146,31 @@ def test_report_writes_every_figure_and_table(tmp_path):
   sec = sec[:sec.index("![](")]
   assert "| LISTA-VM-SS | 0.35 | 0.175 |" in sec and "| LISTA-VM | 3.5 |" in sec and "| ISTA | 2.5 |" in sec
   assert "| LISTA-VM | 3.4 |" not in sec and "GPT-2" not in sec and "n = N only" not in sec
+  # Every trained Transformer job's evaluations during training, one column each (LISTA jobs not).
+  assert ("| step | gpt2 | small_tf-linear | small_tf-query | small_tf-query_dagger | small_tf-support10-query |"
+          in text)
+  assert "| 10 | 0.4 | 1 | 0.6 | 0.62 | 0.12 |" in text and "| 30 | 0.2667 | 0.6667 | 0.4 | 0.4133 | 0.08 |" in text
   for name in names:
     assert f"]({name})" in text
+
+
+def test_transformer_training_table_subsamples_and_aligns_steps(tmp_path):
+  # 25 evaluations: 11 rows shown, the first and last kept; a job that stopped early leaves blanks.
+  c = quick.get_config()
+  c.studies = "fig1c"
+  run = {"config": json.loads(c.to_json()), "jobs": {
+      "small_tf-linear": {"family": "tf", "curve": [{"step": 100 * i, "test_pred_error": 1.0 / i} for i in range(1, 26)]},
+      "small_tf-query": {"family": "tf", "curve": [{"step": 100 * i, "test_pred_error": 2.0} for i in range(1, 6)]},
+      "lista_vm": {"family": "lista", "curve": [{"step": 100 * i, "test_pred_error": 3.0} for i in range(1, 26)]}}}
+  path, table = report.transformer_training(run, str(tmp_path))
+  assert os.path.exists(path)
+  rows = [r for r in table if r.startswith("| ") and not r.startswith("| step")]
+  assert len(rows) == report.TRAINING_TABLE_ROWS
+  assert rows[0] == "| 100 | 1 | 2 |" and rows[-1] == "| 2500 | 0.04 |  |"
+  assert table[0] == "### Transformer training: test error vs step"
+  assert "11 of 25 evaluations shown" in table[2] and "lista_vm" not in "".join(table)
+  run["jobs"] = {"lista_vm": run["jobs"]["lista_vm"]}
+  assert report.transformer_training(run, str(tmp_path)) is None
 
 
 def test_report_cli_errors_on_a_non_run_directory(tmp_path, capsys):
