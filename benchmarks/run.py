@@ -223,13 +223,13 @@ TRAIN_LR = {"gpt2": 1e-4, "small_tf": 1e-5}
 
 
 def bench_train(model, args, ctx, *, d=20, n=10, batches=None, tag=None):
-  from benchmarks import torch_peer
   rows = []
   lr = TRAIN_LR[model]
   for batch in batches or args.batches:
     runners = {"l2o_jax": OurTrainer(_transformer_objective(model, batch, d, n), args.steps, lr=lr,
                                      devices=ctx["train_devices"])}
-    if not args.no_peer:
+    if not args.no_peer:   # torch (the bench extra) is imported only for the peers
+      from benchmarks import torch_peer
       if model == "gpt2":
         step = torch_peer.make_gpt2_peer(d=d, n=n, batch=batch, lr=lr, device=ctx["torch_device"])
         runners["torch HF GPT2Model"] = PeerTrainer(step, args.steps, ctx["torch_device"])

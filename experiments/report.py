@@ -279,7 +279,7 @@ def transformer_training(run, out_dir: str):
   curve_tasks = run["config"]["eval"]["curve_tasks"]
   table = ["### Transformer training: test error vs step", "",
            f"Each job's evaluations during training on {curve_tasks} curve tasks (the same tasks for every "
-           f"job with the same support prior; not the final test set)"
+           f"job with the same support prior; not the final test set; several training seeds: their mean)"
            + (f", {len(steps)} of {len(by_step)} evaluations shown" if len(steps) < len(by_step) else "") + ".",
            "", *rows, ""]
   return path, table

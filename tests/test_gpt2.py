@@ -273,6 +273,21 @@ def test_benchmark_harness_smoke(capsys):
   assert diverged["diverged"] and "non-finite loss" in run.to_markdown(env, [diverged])
 
 
+def test_benchmark_train_without_torch(monkeypatch):
+  # `--no-peer` times our train step alone and must not need torch (the optional bench extra):
+  # with the peer module made unimportable, one tiny Small TF row still comes back.
+  import sys
+
+  import benchmarks
+  from benchmarks import run
+  monkeypatch.setitem(sys.modules, "benchmarks.torch_peer", None)   # importing it raises ImportError
+  monkeypatch.delattr(benchmarks, "torch_peer", raising=False)
+  args = run.parse_args(["--steps=1", "--repeats=1", "--batches=2", "--no-peer"])
+  rows = run.bench_train("small_tf", args, {"train_devices": jax.devices()[:1], "torch_device": "cpu"}, d=4, n=3)
+  assert [r["impl"] for r in rows] == ["l2o_jax"]
+  assert rows[0]["traces"] == 1 and rows[0]["step_ms"] > 0 and rows[0]["batch"] == 2
+
+
 def test_gpt2_loss_prefix_and_query():
   # [gpt2.loss] (used by benchmarks.micro): Garg et al.'s prefix loss over y_1..y_{n+1}, or the query's.
   from l2o_jax.transformer import gpt2
