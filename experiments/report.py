@@ -207,6 +207,18 @@ def fig1c(run, out_dir: str):
   return path, table
 
 
+def _plot_curve(ax, xs, pts, label: str) -> list[float]:
+  """One job's evaluations during training: the mean over its seeds as a line and, with several
+  seeds, their min-max range shaded; returns the means."""
+  ys = [p["test_pred_error"] for p in pts]
+  line, = ax.plot(xs, ys, label=label)
+  per_seed = [p.get("test_pred_error_per_seed") or [] for p in pts]
+  if all(len(v) > 1 for v in per_seed):
+    ax.fill_between(xs, [min(v) for v in per_seed], [max(v) for v in per_seed], alpha=0.2,
+                    color=line.get_color())
+  return ys
+
+
 def curves(run, study: str, out_dir: str):
   cfg = run["config"]
   if study not in run["studies"]:
@@ -218,13 +230,8 @@ def curves(run, study: str, out_dir: str):
     if job is None or not job.get("curve"):
       continue
     pts = job["curve"]
-    xs = [p["epoch"] if p.get("epoch") is not None else p["step"] for p in pts]
-    ys = [p["test_pred_error"] for p in pts]
-    line, = ax.plot(xs, ys, label=LABELS.get(m, m))
-    per_seed = [p["test_pred_error_per_seed"] for p in pts]
-    if per_seed and len(per_seed[0]) > 1:
-      ax.fill_between(xs, [min(v) for v in per_seed], [max(v) for v in per_seed], alpha=0.2,
-                      color=line.get_color())
+    ys = _plot_curve(ax, [p["epoch"] if p.get("epoch") is not None else p["step"] for p in pts], pts,
+                     LABELS.get(m, m))
     rows.append(f"| {LABELS.get(m, m)} | {ys[0]:.4g} | {ys[-1]:.4g} | {min(ys):.4g} | {len(pts)} |")
   if not rows:
     plt.close(fig)
@@ -262,7 +269,7 @@ def transformer_training(run, out_dir: str):
   by_step = {}
   for name, j in jobs.items():
     pts = j["curve"]
-    ax.plot([p["step"] for p in pts], [p["test_pred_error"] for p in pts], label=name)
+    _plot_curve(ax, [p["step"] for p in pts], pts, name)
     for p in pts:
       by_step.setdefault(p["step"], {})[name] = p["test_pred_error"]
   steps = sorted(by_step)
@@ -279,7 +286,8 @@ def transformer_training(run, out_dir: str):
   curve_tasks = run["config"]["eval"]["curve_tasks"]
   table = ["### Transformer training: test error vs step", "",
            f"Each job's evaluations during training on {curve_tasks} curve tasks (the same tasks for every "
-           f"job with the same support prior; not the final test set; several training seeds: their mean)"
+           "job with the same support prior; not the final test set; several training seeds: their mean, "
+           "their range shaded in the figure)"
            + (f", {len(steps)} of {len(by_step)} evaluations shown" if len(steps) < len(by_step) else "") + ".",
            "", *rows, ""]
   return path, table
