@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from experiments.runner import FIXED_X, Job, _ints, _split  # noqa: E402
+from experiments.runner import FIXED_X, Job, _ints, _split, widen  # noqa: E402
 from experiments.writers import read_jsonl  # noqa: E402
 
 LABELS = {"lista": "LISTA", "lista_cp": "LISTA-CP", "alista": "ALISTA", "lista_meta": "LISTA (meta)",
@@ -51,8 +51,9 @@ def load(workdir: str) -> dict:
     s = json.load(open(summary))
     run["references"] = s.get("references", {})
     run["classical_table"] = s.get("classical_table")
-    # Studies of earlier launches into this workdir (results.json accumulates them).
-    run["studies"] += [st for st in s.get("studies", []) if st not in run["studies"]]
+    # Studies and jobs of earlier launches into this workdir (results.json accumulates them).
+    widen(cfg, s)
+    run["studies"] = _split(cfg["studies"])
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name, "results.json")
     if os.path.exists(path):
@@ -316,7 +317,7 @@ def layers(run, out_dir: str):
   cfg = run["config"]
   if "layers" not in run["studies"]:
     return None
-  ks = _ints("layers.ks", cfg["layers"]["ks"])
+  ks = sorted(set(_ints("layers.ks", cfg["layers"]["ks"])))   # launches may have added depths in any order
   refs = run["references"].get("none", {})
   tf, vm, got = [], [], []
   for k in ks:
@@ -483,6 +484,9 @@ def report(workdirs: list[str], out_dir: str | None = None) -> tuple[list[str], 
       from experiments import spread
       out = json.load(open(spread_path))
       md += ["### Test-set spread (`experiments.spread`)", "", spread.table(out, out.get("below")), ""]
+      if out.get("with"):
+        md += ["Jobs labelled [name] were trained in another run, scored on the same test sets "
+               f"(`--with`): {', '.join(f'`{w}`' for w in out['with'])}.", ""]
       paired = spread.paired_table(out)
       if paired:
         md += ["Paired by test set:", "", paired, ""]

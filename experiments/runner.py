@@ -36,11 +36,15 @@ TF_METHODS = ("small_tf", "gpt2")
 METHODS = LISTA_METHODS + TF_METHODS
 READOUTS = ("linear", "query", "query_dagger")
 FIXED_X = ("lista", "lista_cp", "alista")          # trained on one fixed X (classical L2O)
+# Config fields that only pick which jobs a study runs (each job trains on its own, and a finished
+# one is skipped on relaunch), so a relaunch may change them, e.g. to add a read-out to Figure 1c;
+# results.json's "job_lists" keeps every entry run in the workdir (`job_lists`, `widen`).
+JOB_LISTS = ("fig1a.methods", "fig1b.methods", "fig1c.readouts", "fig2.methods", "fig3.methods", "layers.ks")
 # Config fields that may change between launches on the same workdir (they do not change results;
 # cpu_devices does, by float rounding, so a started job also checks its recorded device count:
 # `check_job_devices`).
 RELAUNCH_MAY_CHANGE = ("log_every_s", "multihost", "studies", "name", "cpu_devices",
-                       "coordinator_address", "num_processes", "process_id")
+                       "coordinator_address", "num_processes", "process_id", *JOB_LISTS)
 # Fields added after runs were made, with the value those runs used (a relaunch of an older
 # workdir compares its config.json as if it held them).
 ADDED_FIELDS = {"matmul_precision": "float32", "coordinator_address": "", "num_processes": 0,
@@ -59,6 +63,29 @@ class ConfigError(ValueError):
 
 def _split(value) -> list[str]:
   return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def job_lists(cfg, earlier: dict | None = None) -> dict[str, list[str]]:
+  """The JOB_LISTS entries of `earlier` (results.json's "job_lists") with those of config `cfg`
+  (a ConfigDict or its JSON dict) added for the studies it runs, in first-run order."""
+  out = {f: list(v) for f, v in (earlier or {}).items()}
+  studies = _split(cfg["studies"])
+  for field in JOB_LISTS:
+    study, key = field.split(".")
+    if study in studies:
+      out[field] = list(dict.fromkeys([*out.get(field, []), *_split(cfg[study][key])]))
+  return out
+
+
+def widen(cfg, results: dict) -> None:
+  """Sets `cfg`'s studies and JOB_LISTS fields (in place; ConfigDict or JSON dict) to everything
+  run into its workdir, from the workdir's results.json `results`: config.json holds only the
+  latest launch's, and a report or `experiments.trained` must reach the earlier launches' jobs."""
+  studies = list(dict.fromkeys([*_split(cfg["studies"]), *results.get("studies", [])]))
+  cfg["studies"] = ",".join(studies)
+  for field, entries in results.get("job_lists", {}).items():
+    study, key = field.split(".")
+    cfg[study][key] = ",".join(dict.fromkeys([*_split(cfg[study][key]), *entries]))
 
 
 def _ints(field: str, value) -> list[int]:
@@ -787,6 +814,15 @@ def run(c, workdir: str, *, log: Callable[[str], None] = print) -> dict | None:
 
 
 def _run(c, workdir, log):
+  # Before check_workdir rewrites config.json: a workdir from before "job_lists" existed has
+  # its earlier launches' lists only there (they could not change then, so the last one holds them).
+  path, cfg_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "config.json")
+  old = json.load(open(path)) if os.path.exists(path) else {}
+  earlier = old.get("job_lists")
+  if earlier is None and os.path.exists(cfg_path):
+    cfg = {**json.loads(c.to_json()), **json.load(open(cfg_path))}
+    widen(cfg, {"studies": old.get("studies", [])})   # every study run there, with these lists
+    earlier = job_lists(cfg)
   check_workdir(c, workdir, log)
   studies = _split(c.studies)
   mesh = distributed.data_mesh()
@@ -809,10 +845,10 @@ def _run(c, workdir, log):
   if "classical" in studies:
     results["classical_table"] = classical(c, workdir, log)
   results["wall_time_s"] = time.time() - t0
-  path = os.path.join(workdir, "results.json")
+  results["job_lists"] = job_lists(c, earlier)
   if os.path.exists(path):
-    # A relaunch may run other studies (config fields studies / name may change): keep what the
-    # earlier launches computed, so the workdir's results.json covers every study run in it.
+    # A relaunch may run other studies or jobs (studies, name, JOB_LISTS may change): keep what
+    # the earlier launches computed, so the workdir's results.json covers every job run in it.
     old = json.load(open(path))
     results["studies"] = [s for s in old.get("studies", []) if s not in studies] + studies
     results["jobs"] = {**old.get("jobs", {}), **results["jobs"]}

@@ -20,7 +20,11 @@ it also gives the per-set differences of its mean against every other method on 
 per trained job over all sets' tasks, where its mean comes from (`tail_summary`): the share of
 the error sum carried by its largest tasks, and its error by lambda_max(X^T X) quantile against
 the LASSO's on the same tasks (large for ill-posed tasks, small for tasks the method alone
-fails), and lists its `--worst` largest tasks. Writes DIR/spread.json, which `experiments.report DIR` then shows as tables. CPU
+fails), and lists its `--worst` largest tasks. `--with=OTHER` (repeatable) adds the jobs of another run whose spread.json was scored on the
+same test sets (same eval seed, problem, salts and set size; checked, and its ISTA / FISTA / LASSO
+set means must equal this run's) to the tables, so jobs trained in separate workdirs (e.g. one
+read-out per launch) are compared set by set (`merge`). Writes DIR/spread.json, which
+`experiments.report DIR` then shows as tables. CPU
 minutes for the LISTA family; a 12-layer Transformer takes longer (one forward pass per task).
 """
 from __future__ import annotations
@@ -58,6 +62,47 @@ def _beta_errors_fn(solver):
 def _reference_fns(c):
   from experiments import runner
   return {name.upper(): _beta_errors_fn(solver) for name, solver in runner.reference_solvers(c).items()}
+
+
+def test_set_signature(c) -> dict:
+  """The config fields that fix `runner.test_tasks`'s sets for a given salt, size and support."""
+  p = c.problem
+  return {"eval_seed": int(c.eval.seed), "d": int(p.d), "n": int(p.n), "s": int(p.s),
+          "noise_std": float(p.noise_std)}
+
+
+REFERENCE_RTOL = 1e-4   # the same solver on the same tasks; only float rounding may differ
+
+
+def merge(out: dict, other: dict) -> dict:
+  """`out` with the trained jobs of `other` (another run's spread.json, scored on the same test
+  sets) added, labelled "<job> [<other's workdir name>]" (its "workdir" recorded per method), so
+  that `table` and `paired_table` compare them set by set. The sets must match: equal
+  `test_set_signature`, salts and set size, and every reference (ISTA / FISTA / LASSO, same support)
+  present in both must have the same set means to REFERENCE_RTOL, which catches any difference the
+  signature misses. Raises ValueError naming what differs."""
+  name = os.path.basename(os.path.normpath(other.get("workdir", "other")))
+  for key in ("test_sets", "salts"):
+    if out.get(key) != other.get(key):
+      raise ValueError(f"with: {name} was scored on other test sets ({key} {other.get(key)} vs "
+                       f"{out.get(key)} here); rerun experiments.spread there with the same --sets")
+  sizes = {r["tasks_per_set"] for r in (*out["methods"].values(), *other["methods"].values())}
+  if len(sizes) > 1:
+    raise ValueError(f"with: {name} was scored on sets of another size ({sorted(sizes)} tasks); "
+                     "use the same --tasks")
+  merged = {**out, "methods": dict(out["methods"]), "with": [*out.get("with", []), other.get("workdir")]}
+  for label, r in other["methods"].items():
+    if r.get("workdir"):
+      continue   # merged into `other` from a third run: name that run in its own --with
+    if not r.get("trained"):
+      if label in out["methods"]:
+        a, b = np.asarray(out["methods"][label]["set_means"]), np.asarray(r["set_means"])
+        if not np.allclose(a, b, rtol=REFERENCE_RTOL, atol=0):
+          raise ValueError(f"with: {name}'s {label} set means {b.tolist()} differ from this run's "
+                           f"{a.tolist()}: not the same test sets")
+      continue   # the same sets' references: this run's already stand for them
+    merged["methods"][f"{label} [{name}]"] = {**r, "workdir": other.get("workdir")}
+  return merged
 
 
 def summarise(per_set: list[np.ndarray]) -> dict:
@@ -150,7 +195,8 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
   planned = {n: trained.planned_job(c, n) for n in jobs}
   if not jobs:
     raise ValueError(f"workdir: {workdir} has no finished job (no <job>/results.json)")
-  out = {"workdir": workdir, "salts": [SALT0 + i for i in range(sets)], "methods": {}}
+  out = {"workdir": workdir, "salts": [SALT0 + i for i in range(sets)],
+         "test_sets": test_set_signature(c), "methods": {}}
   if tails:
     out["tails"] = {}
   per_task = {}
@@ -247,6 +293,16 @@ def tails_table(out: dict) -> str:
   return "\n".join(lines).rstrip()
 
 
+def _load_spread(workdir: str) -> dict:
+  """workdir's spread.json; one written before `test_sets` existed gets it from its config."""
+  path = os.path.join(workdir, "spread.json")
+  if not os.path.exists(path):
+    raise ValueError(f"with: {workdir} has no spread.json (run experiments.spread --workdir={workdir} first)")
+  other = json.load(open(path))
+  other.setdefault("test_sets", test_set_signature(trained.load_config(workdir)))
+  return other
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True)
@@ -260,6 +316,9 @@ def main(argv=None):
                  help="also show where each trained job's mean comes from: its largest tasks and its "
                       "error by lambda_max(X^T X) quantile, against the LASSO on the same tasks")
   p.add_argument("--worst", type=int, default=5, help="with --tails: how many of the largest tasks to list")
+  p.add_argument("--with", dest="others", action="append", default=[], metavar="OTHER",
+                 help="another run's workdir whose spread.json holds the same test sets: its trained "
+                      "jobs join the tables (repeatable)")
   args = p.parse_args(argv)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's per-restore metadata warnings
@@ -270,9 +329,12 @@ def main(argv=None):
   if args.tasks < 0:
     p.error(f"--tasks: expected an integer >= 1 (or 0 for the run's), got {args.tasks}")
   try:
+    others = [_load_spread(o) for o in args.others]   # before the minutes of scoring
     out = spread(args.workdir, jobs=[j for j in args.jobs.split(",") if j] or None, sets=args.sets,
                  tasks=args.tasks or None, references=not args.no_references, tails=args.tails,
                  worst=args.worst)
+    for other in others:
+      out = merge(out, other)
   except ValueError as e:
     p.error(str(e))
   out["below"] = args.below

@@ -45,13 +45,12 @@ def load_config(workdir: str):
       elif k in cfg:
         cfg[k] = v
   merge(c, json.load(open(path)))
-  # A relaunch may run other studies into the workdir (config.json then names only the latest);
-  # results.json lists every study run there, so their jobs stay reachable.
+  # A relaunch may run other studies or jobs into the workdir (config.json then names only the
+  # latest); results.json lists every one run there, so their jobs stay reachable.
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
-    studies = [s for s in c.studies.split(",") if s]
-    studies += [s for s in json.load(open(results)).get("studies", []) if s not in studies]
-    c.studies = ",".join(studies)
+    from experiments import runner
+    runner.widen(c, json.load(open(results)))
   return c
 
 

@@ -381,7 +381,9 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
                                f"| {int((d < 0).sum())} of 2 |") in paired
   means = sp["methods"]["lista_vm"]["set_means"]
   assert f"| lista_vm | 1 of 2 |" in spread.table(sp, below=min(means))
-  json.dump({**sp, "below": min(means)}, open(tmp_path / "spread.json", "w"))   # as spread.main writes it
+  # as spread.main writes it, here with `--with` a copy of itself posing as another run
+  json.dump({**spread.merge(sp, {**sp, "workdir": "runs/other"}), "below": min(means)},
+            open(tmp_path / "spread.json", "w"))
   with pytest.raises(ValueError, match=r"jobs: 'gpt2' is not a job of this run; its jobs are \['lista_vm'\]"):
     spread.spread(str(tmp_path), jobs=["gpt2"])
   # experiments.trained: the same checkpoint as a model for one's own JAX code.
@@ -414,6 +416,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   assert "| method | n=2 | n=4 | n=6 |" in text and "Columns n > N = 4 lie beyond" in text
   assert "Unfinished jobs" not in text
   assert "### Test-set spread" in text and "| lista_vm | 1 of 2 |" in text and "| lista_vm − LASSO |" in text
+  assert "| lista_vm − lista_vm [other] | 0 / 0 / 0 | 0 of 2 |" in text and "(`--with`): `runs/other`." in text
   assert "### Where the mean error comes from" in text and "**lista_vm** (" in text
   # Another study launched into the same workdir: results.json and the report keep both, and
   # layers.steps = 0 scores the untrained ISTA-equivalent start (no checkpoint, no curve).
@@ -435,6 +438,19 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   # config.json now names only "layers"; the first launch's job is still reachable (it was not).
   assert trained.load(str(tmp_path), "lista_vm").job.name == "lista_vm"
   assert "lista_vm" in spread.spread(str(tmp_path), sets=1, references=False, log=lambda m: None)["methods"]
+  # A relaunch may change a job list (here layers.ks; fig1c.readouts adds a read-out the same way):
+  # results.json, experiments.trained and the report keep the earlier launches' jobs too. Without
+  # "job_lists" (a results.json from before it), the lists come from config.json and its studies.
+  del saved["job_lists"]
+  writers.write_json(str(tmp_path / "results.json"), saved)
+  c.layers.ks = "2"
+  runner.run(c, str(tmp_path), log=logs.append)
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["job_lists"] == {"fig3.methods": runner._split(c.fig3.methods), "layers.ks": ["1", "2"]}
+  assert trained.load_config(str(tmp_path)).layers.ks == "2,1" and len(saved["jobs"]) == 3
+  assert trained.load(str(tmp_path), name).job.num_layers == 1
+  depth = open(report.report([str(tmp_path)])[1]).read().split("Error vs depth K")[1]
+  assert 0 < depth.index("| 1 |") < depth.index("| 2 |")     # both depths, sorted
   # A job that started but has no results (interrupted, stopped) is listed by the report.
   (tmp_path / "ghost" / "checkpoints").mkdir(parents=True)
   (tmp_path / "ghost" / "metrics.jsonl").write_text(json.dumps({"step": 30, "train_loss": 0.5}) + "\n")
@@ -521,6 +537,7 @@ if __name__ == "__main__":
     (["--workdir=.", "--tasks=-5"], "--tasks: expected an integer >= 1 (or 0 for the run's), got -5"),
     (["--workdir=.", "--tails", "--worst=0"], "--worst: expected an integer >= 1, got 0"),
     (["--workdir=/nonexistent"], "workdir: /nonexistent has no config.json (not a run directory)"),
+    (["--workdir=.", "--with=/nonexistent"], "with: /nonexistent has no spread.json"),
 ])
 def test_spread_cli_names_the_bad_argument(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
@@ -691,3 +708,29 @@ def test_evaluate_job_fixed_x_and_support_paths():
   p = runner.make_objective(c, job)[0].init(jax.random.key(0))
   out = runner.evaluate_job(c, job, p, task, full=False)
   assert out["pred_error"] == pytest.approx(lista.evaluate("lista_vm", p, task)["pred_error"])
+
+
+def test_spread_merge_adds_another_runs_jobs_on_the_same_test_sets():
+  def m(means, trained, support=None, size=4):
+    return {**spread.summarise([np.full(size, v) for v in means]), "trained": trained, "support": support}
+  sig = {"eval_seed": 0, "d": 20, "n": 10, "s": 3, "noise_std": 0.0}
+  here = {"workdir": "runs/a", "salts": [100, 101], "test_sets": sig,
+          "methods": {"small_tf-linear": m([2.0, 3.0], True), "ISTA": m([2.5, 2.5], False)}}
+  there = {"workdir": "runs/b/", "salts": [100, 101], "test_sets": dict(sig),
+           "methods": {"small_tf-query": m([1.0, 4.0], True), "ISTA": m([2.5, 2.5 * (1 + 1e-6)], False),
+                       "old [runs/c]": {**m([0.0, 0.0], True), "workdir": "runs/c"}}}
+  out = spread.merge(here, there)
+  assert list(out["methods"]) == ["small_tf-linear", "ISTA", "small_tf-query [b]"]   # a third run's job left out
+  assert out["with"] == ["runs/b/"] and out["methods"]["small_tf-query [b]"]["workdir"] == "runs/b/"
+  assert "small_tf-query" not in here["methods"]                                      # `here` untouched
+  rows = spread.paired_table(out).splitlines()[2:]
+  assert "| small_tf-linear − small_tf-query [b] | -1 / 0 / 1 | 1 of 2 |" in rows
+  assert "| small_tf-query [b] − ISTA | -1.5 / 0 / 1.5 | 1 of 2 |" in rows
+  assert "| small_tf-query [b] |" in spread.table(out)
+  bad = [({**there, "salts": [100, 102]}, "salts"),
+         ({**there, "test_sets": {**sig, "eval_seed": 1}}, "test_sets"),
+         ({**there, "methods": {"q": m([1.0, 1.0], True, size=8)}}, "another size"),
+         ({**there, "methods": {"ISTA": m([2.5, 2.6], False)}}, "not the same test sets")]
+  for other, message in bad:
+    with pytest.raises(ValueError, match=message):
+      spread.merge(here, other)
