@@ -80,12 +80,12 @@ def job_lists(cfg, earlier: dict | None = None) -> dict[str, list[str]]:
 def widen(cfg, results: dict) -> None:
   """Sets `cfg`'s studies and JOB_LISTS fields (in place; ConfigDict or JSON dict) to everything
   run into its workdir, from the workdir's results.json `results`: config.json holds only the
-  latest launch's, and a report or `experiments.trained` must reach the earlier launches' jobs."""
-  studies = list(dict.fromkeys([*_split(cfg["studies"]), *results.get("studies", [])]))
-  cfg["studies"] = ",".join(studies)
+  latest launch's, and a report or `experiments.trained` must reach the earlier launches' jobs.
+  Earlier launches' entries come first (first-run order), then any new ones of `cfg`."""
+  cfg["studies"] = ",".join(dict.fromkeys([*results.get("studies", []), *_split(cfg["studies"])]))
   for field, entries in results.get("job_lists", {}).items():
     study, key = field.split(".")
-    cfg[study][key] = ",".join(dict.fromkeys([*_split(cfg[study][key]), *entries]))
+    cfg[study][key] = ",".join(dict.fromkeys([*entries, *_split(cfg[study][key])]))
 
 
 def _ints(field: str, value) -> list[int]:

@@ -447,7 +447,7 @@ def test_tiny_run_writes_every_output_and_report(tmp_path, monkeypatch):
   runner.run(c, str(tmp_path), log=logs.append)
   saved = json.load(open(tmp_path / "results.json"))
   assert saved["job_lists"] == {"fig3.methods": runner._split(c.fig3.methods), "layers.ks": ["1", "2"]}
-  assert trained.load_config(str(tmp_path)).layers.ks == "2,1" and len(saved["jobs"]) == 3
+  assert trained.load_config(str(tmp_path)).layers.ks == "1,2" and len(saved["jobs"]) == 3
   assert trained.load(str(tmp_path), name).job.num_layers == 1
   depth = open(report.report([str(tmp_path)])[1]).read().split("Error vs depth K")[1]
   assert 0 < depth.index("| 1 |") < depth.index("| 2 |")     # both depths, sorted
