@@ -101,6 +101,9 @@ def merge(out: dict, other: dict) -> dict:
           raise ValueError(f"with: {name}'s {label} set means {b.tolist()} differ from this run's "
                            f"{a.tolist()}: not the same test sets")
       continue   # the same sets' references: this run's already stand for them
+    if f"{label} [{name}]" in merged["methods"]:
+      raise ValueError(f"with: {label} [{name}] is already in the tables (two runs whose folders "
+                       f"are both named {name}?)")
     merged["methods"][f"{label} [{name}]"] = {**r, "workdir": other.get("workdir")}
   return merged
 

@@ -731,6 +731,6 @@ def test_spread_merge_adds_another_runs_jobs_on_the_same_test_sets():
          ({**there, "test_sets": {**sig, "eval_seed": 1}}, "test_sets"),
          ({**there, "methods": {"q": m([1.0, 1.0], True, size=8)}}, "another size"),
          ({**there, "methods": {"ISTA": m([2.5, 2.6], False)}}, "not the same test sets")]
-  for other, message in bad:
+  for base, other, message in [(here, o, msg) for o, msg in bad] + [(out, there, "already in the tables")]:
     with pytest.raises(ValueError, match=message):
-      spread.merge(here, other)
+      spread.merge(base, other)
