@@ -44,16 +44,13 @@ def load(workdir: str) -> dict:
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"WORKDIR: {workdir} has no config.json (not a run directory)")
   cfg = json.load(open(cfg_path))
-  run = {"config": cfg, "jobs": {}, "references": {}, "workdir": workdir, "unfinished": {},
-         "studies": _split(cfg["studies"])}
   summary = os.path.join(workdir, "results.json")
-  if os.path.exists(summary):
-    s = json.load(open(summary))
-    run["references"] = s.get("references", {})
+  s = json.load(open(summary)) if os.path.exists(summary) else {}
+  widen(cfg, s)   # studies and jobs of earlier launches into this workdir (results.json keeps them)
+  run = {"config": cfg, "jobs": {}, "references": s.get("references", {}), "workdir": workdir,
+         "unfinished": {}, "studies": _split(cfg["studies"])}
+  if s:
     run["classical_table"] = s.get("classical_table")
-    # Studies and jobs of earlier launches into this workdir (results.json accumulates them).
-    widen(cfg, s)
-    run["studies"] = _split(cfg["studies"])
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name, "results.json")
     if os.path.exists(path):

@@ -454,6 +454,14 @@ def test_tasks(c, num_tasks: int, *, support=None, X=None, salt: int = 0, n: int
                         noise_std=p.noise_std, X=X)
 
 
+def test_set_signature(c) -> dict:
+  """The config fields that, with a salt, a size and a support prior, fix `test_tasks`'s set:
+  two runs with equal signatures score on the same tasks (`experiments.spread --with`)."""
+  p = c.problem
+  return {"eval_seed": int(c.eval.seed), "d": int(p.d), "n": int(p.n), "s": int(p.s),
+          "noise_std": float(p.noise_std)}
+
+
 def _seed_params(params, i: int):
   return jax.tree_util.tree_map(lambda x: x[i], params)
 
@@ -814,15 +822,16 @@ def run(c, workdir: str, *, log: Callable[[str], None] = print) -> dict | None:
 
 
 def _run(c, workdir, log):
-  # Before check_workdir rewrites config.json: a workdir from before "job_lists" existed has
-  # its earlier launches' lists only there (they could not change then, so the last one holds them).
+  # Earlier launches' results; read before check_workdir rewrites config.json, as a workdir from
+  # before "job_lists" existed has its lists only there (they could not change then, so the last
+  # config.json's lists hold for every study its results.json names).
   path, cfg_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "config.json")
   old = json.load(open(path)) if os.path.exists(path) else {}
   earlier = old.get("job_lists")
   if earlier is None and os.path.exists(cfg_path):
-    cfg = {**json.loads(c.to_json()), **json.load(open(cfg_path))}
-    widen(cfg, {"studies": old.get("studies", [])})   # every study run there, with these lists
-    earlier = job_lists(cfg)
+    last = {**json.loads(c.to_json()), **json.load(open(cfg_path))}
+    widen(last, old)
+    earlier = job_lists(last)
   check_workdir(c, workdir, log)
   studies = _split(c.studies)
   mesh = distributed.data_mesh()
@@ -846,10 +855,9 @@ def _run(c, workdir, log):
     results["classical_table"] = classical(c, workdir, log)
   results["wall_time_s"] = time.time() - t0
   results["job_lists"] = job_lists(c, earlier)
-  if os.path.exists(path):
+  if old:
     # A relaunch may run other studies or jobs (studies, name, JOB_LISTS may change): keep what
     # the earlier launches computed, so the workdir's results.json covers every job run in it.
-    old = json.load(open(path))
     results["studies"] = [s for s in old.get("studies", []) if s not in studies] + studies
     results["jobs"] = {**old.get("jobs", {}), **results["jobs"]}
     results["references"] = _merge_references(old.get("references", {}), results["references"])

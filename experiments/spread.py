@@ -64,13 +64,6 @@ def _reference_fns(c):
   return {name.upper(): _beta_errors_fn(solver) for name, solver in runner.reference_solvers(c).items()}
 
 
-def test_set_signature(c) -> dict:
-  """The config fields that fix `runner.test_tasks`'s sets for a given salt, size and support."""
-  p = c.problem
-  return {"eval_seed": int(c.eval.seed), "d": int(p.d), "n": int(p.n), "s": int(p.s),
-          "noise_std": float(p.noise_std)}
-
-
 REFERENCE_RTOL = 1e-4   # the same solver on the same tasks; only float rounding may differ
 
 
@@ -78,7 +71,7 @@ def merge(out: dict, other: dict) -> dict:
   """`out` with the trained jobs of `other` (another run's spread.json, scored on the same test
   sets) added, labelled "<job> [<other's workdir name>]" (its "workdir" recorded per method), so
   that `table` and `paired_table` compare them set by set. The sets must match: equal
-  `test_set_signature`, salts and set size, and every reference (ISTA / FISTA / LASSO, same support)
+  `runner.test_set_signature`, salts and set size, and every reference (ISTA / FISTA / LASSO, same support)
   present in both must have the same set means to REFERENCE_RTOL, which catches any difference the
   signature misses. Raises ValueError naming what differs."""
   name = os.path.basename(os.path.normpath(other.get("workdir", "other")))
@@ -199,7 +192,7 @@ def spread(workdir: str, *, jobs=None, sets: int = 16, tasks: int | None = None,
   if not jobs:
     raise ValueError(f"workdir: {workdir} has no finished job (no <job>/results.json)")
   out = {"workdir": workdir, "salts": [SALT0 + i for i in range(sets)],
-         "test_sets": test_set_signature(c), "methods": {}}
+         "test_sets": runner.test_set_signature(c), "methods": {}}
   if tails:
     out["tails"] = {}
   per_task = {}
@@ -302,7 +295,8 @@ def _load_spread(workdir: str) -> dict:
   if not os.path.exists(path):
     raise ValueError(f"with: {workdir} has no spread.json (run experiments.spread --workdir={workdir} first)")
   other = json.load(open(path))
-  other.setdefault("test_sets", test_set_signature(trained.load_config(workdir)))
+  from experiments import runner
+  other.setdefault("test_sets", runner.test_set_signature(trained.load_config(workdir)))
   return other
 
 
